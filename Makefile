@@ -1,0 +1,21 @@
+# Two commands on a fresh machine: `make demo` and `make test` (both create .venv when needed).
+VENV ?= .venv
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test venv clean bench
+venv: $(STAMP)
+
+$(STAMP): setup.py tools/constraints.txt tools/bootstrap.sh
+	VENV=$(VENV) bash tools/bootstrap.sh
+
+demo: $(STAMP)
+	$(VENV)/bin/tanuki demo
+
+test: $(STAMP)
+	$(VENV)/bin/python -m pytest -q tests
+
+bench: $(STAMP)
+	$(VENV)/bin/python tools/bench_train_step.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info

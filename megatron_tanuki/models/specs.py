@@ -1,0 +1,63 @@
+"""Layer specs: Transformer Engine when it can run, else megatron-core's local modules made fast.
+
+* TE importable and a GPU present: megatron-core's TE spec (fused norm+linear, TE attention,
+  grouped-GEMM experts), which is also what FP8 needs.
+* Otherwise (CPU, or a GPU without TE): the local spec with three swaps -- SDPA as the core
+  attention (never the unfused DotProductAttention), our RMSNorm (sequence-parallel capable),
+  and, for MoE, the Tanuki router.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import importlib.util
+
+from megatron.core.models.gpt.gpt_layer_specs import (
+    get_gpt_layer_local_spec,
+    get_gpt_layer_with_transformer_engine_spec,
+)
+from megatron.core.transformer.spec_utils import ModuleSpec
+
+from megatron_tanuki.models.common.norm import TanukiRMSNorm
+from megatron_tanuki.models.common.sdpa_attention import SDPAttention
+from megatron_tanuki.runtime import cpu
+
+
+def te_available() -> bool:
+    """Transformer Engine is usable: importable and a GPU to run it on."""
+    return cpu.gpu_present() and importlib.util.find_spec("transformer_engine") is not None
+
+
+def _with_router(mlp_builder, router_cls):
+    """Return the MoE builder (a functools.partial of MoELayer) with its router replaced."""
+    subs = mlp_builder.keywords["submodules"]
+    keywords = dict(mlp_builder.keywords, submodules=dataclasses.replace(subs, router=router_cls))
+    return functools.partial(mlp_builder.func, *mlp_builder.args, **keywords)
+
+
+def gpt_layer_spec(num_experts: int | None, router_cls=None, use_te: bool | None = None) -> ModuleSpec:
+    """The transformer layer spec for a Llama-style model, dense or MoE."""
+    if use_te is None:
+        use_te = te_available()
+    if use_te:
+        spec = get_gpt_layer_with_transformer_engine_spec(
+            num_experts=num_experts, moe_grouped_gemm=bool(num_experts))
+    else:
+        spec = get_gpt_layer_local_spec(num_experts=num_experts, normalization="RMSNorm")
+        subs = spec.submodules
+        subs.input_layernorm = TanukiRMSNorm
+        subs.pre_mlp_layernorm = TanukiRMSNorm
+        subs.self_attention.submodules.core_attention = SDPAttention
+    if num_experts and router_cls is not None:
+        spec.submodules.mlp = _with_router(spec.submodules.mlp, router_cls)
+    return spec
+
+
+def final_norm(use_te: bool | None = None):
+    """The norm after the last layer. TransformerBlock would otherwise pick WrappedTorchNorm
+    (no sequence parallel) on the local path."""
+    if use_te if use_te is not None else te_available():
+        from megatron.core.extensions.transformer_engine import TENorm
+
+        return TENorm
+    return TanukiRMSNorm

@@ -1,0 +1,192 @@
+"""Build Tanuki (dense or MoE) as megatron-core GPTModel chunks for the current parallel rank.
+
+Pure model construction: process groups must already exist (runtime.distributed). Parallelism is
+read from megatron-core's parallel_state, the layout only sets the config flags that go with it.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from megatron.core import parallel_state
+from megatron.core.models.gpt.gpt_model import GPTModel
+from megatron.core.transformer.transformer_block import (
+    TransformerBlockSubmodules,
+    get_num_layers_to_build,
+)
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from megatron_tanuki.models import specs
+from megatron_tanuki.models.tanuki.config import TanukiConfig
+from megatron_tanuki.models.tanuki.router import TanukiRouter
+from megatron_tanuki.runtime import cpu
+from megatron_tanuki.runtime.distributed import ParallelLayout
+
+FP8_FORMATS = ("e4m3", "hybrid")
+FP8_RECIPES = ("delayed", "tensorwise", "blockwise", "mxfp8")
+
+# GPTModel logs a deprecation warning at every build; it is the supported path in 0.19.
+logging.getLogger("megatron.core.models.gpt.gpt_model").setLevel(logging.ERROR)
+
+
+@dataclass(frozen=True)
+class BuildOptions:
+    """How to build (not what): precision, FP8, recompute, initialization."""
+
+    dtype: str = "fp32"  # fp32 | bf16 | fp16
+    fp8: str | None = None  # e4m3 | hybrid (needs Transformer Engine)
+    fp8_recipe: str = "delayed"
+    fp8_amax_history_len: int = 1024
+    recompute_granularity: str | None = None  # None | selective | full
+    recompute_num_layers: int | None = None  # for full recompute
+    init_method_std: float = 0.02
+    perform_initialization: bool = True
+    use_te: bool | None = None  # None: TE when available
+    moe_aux_loss_coeff: float | None = None  # None: the preset's
+    moe_token_dispatcher: str = "alltoall"
+
+    def torch_dtype(self) -> torch.dtype:
+        return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[self.dtype]
+
+    def validate(self, use_te: bool) -> None:
+        if self.dtype not in ("fp32", "bf16", "fp16"):
+            raise ValueError(f"dtype must be fp32, bf16 or fp16, got {self.dtype!r}")
+        if self.fp8 is not None:
+            if self.fp8 not in FP8_FORMATS:
+                raise ValueError(f"fp8 must be one of {FP8_FORMATS}, got {self.fp8!r}")
+            if self.fp8_recipe not in FP8_RECIPES:
+                raise ValueError(f"fp8_recipe must be one of {FP8_RECIPES}, got {self.fp8_recipe!r}")
+            if not use_te:
+                raise ValueError("FP8 needs Transformer Engine on a GPU (pip install megatron_tanuki[te])")
+
+
+def transformer_config(cfg: TanukiConfig, layout: ParallelLayout, opts: BuildOptions,
+                       use_te: bool) -> TransformerConfig:
+    dtype = opts.torch_dtype()
+    moe = {}
+    if cfg.is_moe:
+        moe = dict(
+            num_moe_experts=cfg.num_experts,
+            moe_ffn_hidden_size=cfg.ffn_hidden_size,
+            moe_router_topk=cfg.moe_topk,
+            moe_router_load_balancing_type="aux_loss",
+            moe_aux_loss_coeff=cfg.moe_aux_loss_coeff if opts.moe_aux_loss_coeff is None
+            else opts.moe_aux_loss_coeff,
+            moe_router_dtype="fp32",
+            moe_token_dispatcher_type=opts.moe_token_dispatcher,
+            moe_grouped_gemm=use_te,
+            moe_router_pre_softmax=False,
+        )
+    fp8 = {}
+    if opts.fp8:
+        fp8 = dict(fp8=opts.fp8, fp8_recipe=opts.fp8_recipe,
+                   fp8_amax_history_len=opts.fp8_amax_history_len, fp8_amax_compute_algo="max")
+    return TransformerConfig(
+        num_layers=cfg.num_layers,
+        hidden_size=cfg.hidden_size,
+        num_attention_heads=cfg.num_attention_heads,
+        num_query_groups=cfg.num_query_groups,
+        kv_channels=cfg.head_dim,
+        ffn_hidden_size=cfg.ffn_hidden_size,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        normalization="RMSNorm",
+        layernorm_epsilon=cfg.norm_eps,
+        add_bias_linear=False,
+        add_qkv_bias=False,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        init_method_std=opts.init_method_std,
+        perform_initialization=opts.perform_initialization,
+        use_cpu_initialization=cpu.is_active() or not cpu.gpu_present(),
+        params_dtype=dtype,
+        bf16=dtype == torch.bfloat16,
+        fp16=dtype == torch.float16,
+        pipeline_dtype=dtype,
+        tensor_model_parallel_size=layout.tp,
+        pipeline_model_parallel_size=layout.pp,
+        virtual_pipeline_model_parallel_size=layout.vpp,
+        context_parallel_size=layout.cp,
+        expert_model_parallel_size=layout.ep,
+        expert_tensor_parallel_size=layout.expert_tp,
+        sequence_parallel=layout.sp,
+        # Fusions that need apex/TE kernels are on only with TE.
+        bias_activation_fusion=False,
+        bias_dropout_fusion=False,
+        masked_softmax_fusion=use_te,
+        apply_rope_fusion=False,
+        gradient_accumulation_fusion=False,
+        persist_layer_norm=False,
+        recompute_granularity=opts.recompute_granularity,
+        recompute_method="uniform" if opts.recompute_granularity == "full" else None,
+        recompute_num_layers=(opts.recompute_num_layers or 1)
+        if opts.recompute_granularity == "full" else None,
+        **moe,
+        **fp8,
+    )
+
+
+def build_model(cfg: TanukiConfig, layout: ParallelLayout, opts: BuildOptions | None = None,
+                device: str | torch.device | None = None) -> list[GPTModel]:
+    """Model chunks for this rank: one, or ``vpp`` for the interleaved pipeline schedule.
+
+    ``device="meta"`` builds shapes only (no memory), as ``tanuki model-info`` does.
+    """
+    opts = opts or BuildOptions()
+    use_te = specs.te_available() if opts.use_te is None else opts.use_te
+    opts.validate(use_te)
+    tcfg = transformer_config(cfg, layout, opts, use_te)
+    if device == "meta":
+        tcfg.perform_initialization = False
+    layer_spec = specs.gpt_layer_spec(cfg.num_experts, TanukiRouter if cfg.router_standardize else None,
+                                      use_te=use_te)
+    final_norm = specs.final_norm(use_te)
+
+    chunks = []
+    for vp_stage in (range(layout.vpp) if layout.vpp else [None]):
+        block = TransformerBlockSubmodules(
+            layer_specs=[layer_spec] * get_num_layers_to_build(tcfg, vp_stage=vp_stage),
+            layer_norm=final_norm)
+        ctx = torch.device(device) if device is not None else _default_device()
+        with ctx:
+            model = GPTModel(
+                config=tcfg,
+                transformer_layer_spec=block,
+                vocab_size=cfg.vocab_size,
+                max_sequence_length=cfg.max_position_embeddings,
+                pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
+                post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
+                share_embeddings_and_output_weights=cfg.tie_embeddings,
+                position_embedding_type="rope",
+                rotary_base=cfg.rope_theta,
+                vp_stage=vp_stage,
+            )
+        if device != "meta" and not cpu.is_active():
+            model.cuda(torch.cuda.current_device())
+        chunks.append(model)
+    return chunks
+
+
+def _default_device():
+    return torch.device("cpu") if cpu.is_active() or not cpu.gpu_present() else torch.device("cuda")
+
+
+def count_parameters(chunks, cfg: TanukiConfig) -> dict:
+    """Total and per-token active parameters of the built (local) model chunks.
+
+    Active = total minus the experts a token does not visit: (E - k) / E of the expert weights.
+    Expert parameters are those under a MoE layer's ``experts`` module (megatron-core's
+    ``allreduce=False`` tag is set only when experts use their own process groups).
+    """
+    total = expert = 0
+    for model in chunks:
+        for name, p in model.named_parameters():
+            total += p.numel()
+            if ".mlp.experts." in name:
+                expert += p.numel()
+    active = total
+    if cfg.is_moe:
+        active = total - expert * (cfg.num_experts - cfg.moe_topk) // cfg.num_experts
+    return {"total": total, "active": active, "experts": expert, "non_expert": total - expert}
