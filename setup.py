@@ -17,6 +17,7 @@ setup(
         "pyyaml",
         "tqdm",
         "numpy",
+        "psutil",  # megatron-core dist_checkpointing writers need it
     ],
     extras_require={
         # GPU clusters: Transformer Engine brings fused kernels, grouped-GEMM experts and FP8.

@@ -15,18 +15,39 @@ Redirected, and why:
   tracker fork/restore states; on CPU that state is the CPU generator's.
 * ``torch.cuda.Stream/Event/stream/current_stream`` -> inert objects: the alltoall dispatcher and
   MoE layer overlap work on side streams; on CPU everything is already ordered.
-* ``torch.zeros(..., device="cuda")`` inside ``pipeline_parallel.schedules`` (token counter): that
-  module alone sees a ``torch`` whose factory functions map ``"cuda"`` to ``"cpu"``.
+* ``maybe_move_tensor_to_cpu`` in the alltoall dispatcher: on GPU it turns the split sizes into
+  numpy arrays (what ``all_to_all_single`` accepts); for a tensor already on CPU it returned the
+  tensor unchanged, which ``all_to_all_single`` rejects. The CPU version converts too.
+* ``torch.zeros/tensor/...(..., device="cuda")`` hard-coded in a few megatron modules (schedule
+  token counters, optimizer scale and found-inf flags, grad-norm buffers, checkpoint exchange):
+  those modules alone (``_HARD_CODED_CUDA``) see a ``torch`` whose factory functions map ``"cuda"``
+  to ``"cpu"``.
+* ``clip_grad_by_total_norm_fp32`` asserts ``grad.type() == "torch.cuda.FloatTensor"``; the CPU
+  version scales the same gradients by the same ``max_norm / (total_norm + 1e-6)`` factor.
+* ``Tensor.cuda()`` / ``Module.cuda()`` -> no-ops (checkpoint exchange and optimizer reload call
+  them); with no GPU there is nowhere else for a tensor to go.
 """
 from __future__ import annotations
 
 import contextlib
 import functools
+import importlib
 import types
 
 import torch
 
 _ACTIVE = False
+
+# megatron-core modules that write device="cuda" literally.
+_HARD_CODED_CUDA = (
+    "megatron.core.pipeline_parallel.schedules",
+    "megatron.core.optimizer.optimizer",
+    "megatron.core.optimizer.clip_grads",
+    "megatron.core.optimizer.grad_scaler",
+    "megatron.core.distributed.param_and_grad_buffer",
+    "megatron.core.dist_checkpointing.exchange_utils",
+    "megatron.core.utils",
+)
 
 
 def gpu_present() -> bool:
@@ -85,7 +106,7 @@ def _module_torch_without_cuda(real_torch):
     """
     view = types.ModuleType("torch")
     view.__dict__.update(real_torch.__dict__)
-    for name in ("zeros", "ones", "empty", "full", "tensor", "arange"):
+    for name in ("zeros", "ones", "empty", "full", "tensor", "arange", "empty_like", "zeros_like"):
         fn = getattr(real_torch, name)
 
         @functools.wraps(fn)
@@ -96,6 +117,21 @@ def _module_torch_without_cuda(real_torch):
 
         setattr(view, name, wrapper)
     return view
+
+
+def _clip_grad_by_total_norm_fp32(parameters, max_norm, total_norm, use_decoupled_grad=False):
+    """megatron-core's clip (same factor, in place), without its CUDA tensor-type assertion."""
+    if isinstance(parameters, torch.Tensor):
+        parameters = [parameters]
+    attr = "decoupled_grad" if use_decoupled_grad else "grad"
+    grads = [getattr(p, attr) for p in parameters if getattr(p, attr, None) is not None]
+    clip_coeff = max_norm / (total_norm + 1.0e-6)
+    if isinstance(clip_coeff, torch.Tensor):
+        clip_coeff = clip_coeff.clamp_max(1.0)
+    elif clip_coeff >= 1.0:
+        return
+    for g in grads:
+        g.detach().mul_(clip_coeff)
 
 
 def activate() -> bool:
@@ -132,9 +168,25 @@ def activate() -> bool:
         torch.set_rng_state(new_state)
     )
 
-    from megatron.core.pipeline_parallel import schedules
+    from megatron.core.transformer.moe import token_dispatcher
 
-    schedules.torch = _module_torch_without_cuda(torch)
+    def maybe_move_tensor_to_cpu(tensor, as_numpy=False, record_stream=False):
+        if torch.is_tensor(tensor) and as_numpy:
+            return tensor.cpu().numpy()
+        return tensor
+
+    token_dispatcher.maybe_move_tensor_to_cpu = maybe_move_tensor_to_cpu
+
+    torch.Tensor.cuda = lambda self, *args, **kwargs: self
+    torch.nn.Module.cuda = lambda self, *args, **kwargs: self
+    from megatron.core.optimizer import clip_grads, optimizer
+
+    clip_grads.clip_grad_by_total_norm_fp32 = _clip_grad_by_total_norm_fp32
+    optimizer.clip_grad_by_total_norm_fp32 = _clip_grad_by_total_norm_fp32
+
+    view = _module_torch_without_cuda(torch)
+    for name in _HARD_CODED_CUDA:
+        importlib.import_module(name).torch = view
 
     _ACTIVE = True
     return True

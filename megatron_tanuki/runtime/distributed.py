@@ -174,6 +174,16 @@ def init_distributed(layout: ParallelLayout, model=None, env: LaunchEnv | None =
     return env
 
 
+def init_single_process(layout: ParallelLayout | None = None, model=None, seed: int = 1234) -> None:
+    """A one-process world with no networking (HashStore): model-info, unit tests, tools."""
+    layout = layout or ParallelLayout()
+    layout.validate(1, model)
+    cpu.activate()
+    if not dist.is_initialized():
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    setup_model_parallel(layout, seed=seed)
+
+
 def setup_model_parallel(layout: ParallelLayout, seed: int = 1234) -> None:
     """(Re)build megatron-core's parallel groups on an initialized torch.distributed."""
     from megatron.core import parallel_state

@@ -1,0 +1,1 @@
+"""Data: the Tanuki tokenizer, text sources, batching (sits below models/ and train/)."""

@@ -1,0 +1,54 @@
+"""The real Tanuki SentencePiece tokenizer (65000 pieces; models pad the vocab to 65024).
+
+The model file ships inside the package (data/assets), so nothing is downloaded. Its special
+pieces are ordinary pieces in the SentencePiece model (``bos_id()`` is -1 there), so we look them
+up by name: ``<s>``=1, ``</s>``=2, ``<pad>``=3, ``<EOD>``=6 -- the ids the released HF tokenizer
+uses.
+"""
+from __future__ import annotations
+
+import os
+from functools import cached_property
+
+import sentencepiece as spm
+
+ASSETS = os.path.join(os.path.dirname(__file__), "assets")
+DEFAULT_MODEL = os.path.join(ASSETS, "tanuki-tokenizer.model")
+PADDED_VOCAB = 65024
+
+
+class TanukiTokenizer:
+    def __init__(self, model_file: str = DEFAULT_MODEL):
+        if not os.path.isfile(model_file):
+            raise FileNotFoundError(f"tokenizer model not found: {model_file}")
+        self.model_file = model_file
+        self.sp = spm.SentencePieceProcessor(model_file=model_file)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.sp.get_piece_size()
+
+    def _piece(self, piece: str) -> int:
+        i = self.sp.piece_to_id(piece)
+        if i == self.sp.unk_id() and piece != "<unk>":
+            raise KeyError(f"{self.model_file} has no piece {piece!r}")
+        return i
+
+    @cached_property
+    def bos_id(self) -> int:
+        return self._piece("<s>")
+
+    @cached_property
+    def eos_id(self) -> int:
+        return self._piece("</s>")
+
+    @cached_property
+    def pad_id(self) -> int:
+        return self._piece("<pad>")
+
+    def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
+        ids = self.sp.encode(text)
+        return ([self.bos_id] if bos else []) + ids + ([self.eos_id] if eos else [])
+
+    def decode(self, ids) -> str:
+        return self.sp.decode([int(i) for i in ids if int(i) < self.vocab_size])

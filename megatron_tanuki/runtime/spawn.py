@@ -1,0 +1,82 @@
+"""Start N local ranks of a function (tests, the demo, ``convert verify``) without torchrun.
+
+Each rank is a fresh *spawned* interpreter (never fork: a parent that already ran OpenMP or gloo
+work can deadlock a forked child) with torchrun's environment variables set, so the code under
+test reads its rank exactly as it would on a cluster. Return values come back through files;
+an exception on any rank is re-raised in the parent with that rank's traceback.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+import socket
+import tempfile
+import traceback
+
+import torch.multiprocessing as mp
+
+
+class RankFailed(RuntimeError):
+    pass
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _entry(local_rank: int, world_size: int, port: int, outdir: str, fn, args, kwargs, env):
+    os.environ.update(env)
+    os.environ.update(RANK=str(local_rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(local_rank),
+                      LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    path = os.path.join(outdir, f"rank{local_rank}.pkl")
+    try:
+        result = ("ok", fn(*args, **kwargs))
+    except BaseException as e:  # reported to the parent, then re-raised there
+        result = ("error", f"{type(e).__name__}: {e}\n{traceback.format_exc()}")
+    with open(path + ".tmp", "wb") as f:
+        pickle.dump(result, f)
+    os.replace(path + ".tmp", path)
+    if result[0] == "error":
+        os._exit(1)
+    try:
+        import torch.distributed as dist
+
+        from megatron_tanuki.runtime.distributed import shutdown
+        if dist.is_initialized():
+            shutdown()
+    except Exception:
+        pass
+
+
+def run_ranks(fn, world_size: int, *args, env: dict | None = None, **kwargs) -> list:
+    """Run ``fn(*args, **kwargs)`` on ``world_size`` local ranks; return the results by rank."""
+    env = {"OMP_NUM_THREADS": "1", **(env or {})}
+    with tempfile.TemporaryDirectory(prefix="tanuki-ranks-") as outdir:
+        ctx = mp.start_processes(
+            _entry, args=(world_size, free_port(), outdir, fn, args, kwargs, env),
+            nprocs=world_size, join=False, start_method="spawn")
+        try:
+            while not ctx.join():
+                pass
+        except Exception as e:
+            failure = e
+        else:
+            failure = None
+        results, errors = [], []
+        for r in range(world_size):
+            path = os.path.join(outdir, f"rank{r}.pkl")
+            if not os.path.exists(path):
+                results.append(None)
+                continue
+            with open(path, "rb") as f:
+                status, value = pickle.load(f)
+            if status == "error":
+                errors.append(f"--- rank {r} ---\n{value}")
+            results.append(value if status == "ok" else None)
+        if errors:
+            raise RankFailed("\n".join(errors))
+        if failure is not None:
+            raise RankFailed(str(failure))
+        return results

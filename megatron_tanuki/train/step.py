@@ -1,0 +1,118 @@
+"""One training step on megatron-core: DDP wrapping, forward/backward schedule, loss reduction.
+
+The loss is a per-token mean over the *real* (unmasked) tokens of the whole global batch:
+``calculate_per_token_loss`` makes megatron-core sum token losses and divide the gradients by the
+token count of all DP ranks in ``finalize_model_grads``, so ranks with more padding do not weigh
+more. Everything here runs unchanged on GPUs (NCCL) and on CPU (gloo, runtime.cpu).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+from megatron.core.distributed.finalize_model_grads import finalize_model_grads
+from megatron.core.pipeline_parallel import get_forward_backward_func
+
+
+@dataclass
+class Batch:
+    """A micro-batch, [batch, seq] each. ``loss_mask`` is 1 where the token counts."""
+
+    tokens: torch.Tensor
+    labels: torch.Tensor
+    loss_mask: torch.Tensor
+    position_ids: torch.Tensor
+    attention_mask: torch.Tensor | None = None  # [b, 1, s, s] True = masked out
+
+    @classmethod
+    def causal_lm(cls, ids: torch.Tensor, pad_id: int | None = None) -> "Batch":
+        """Next-token prediction on a [b, s+1] block of ids."""
+        tokens, labels = ids[:, :-1].contiguous(), ids[:, 1:].contiguous()
+        mask = torch.ones_like(labels, dtype=torch.float32)
+        if pad_id is not None:
+            mask = (labels != pad_id).float()
+        pos = torch.arange(tokens.shape[1]).unsqueeze(0).expand_as(tokens).contiguous()
+        return cls(tokens, labels, mask, pos)
+
+    def to(self, device) -> "Batch":
+        move = (lambda t: None if t is None else t.to(device, non_blocking=True))
+        return Batch(*(move(getattr(self, f)) for f in ("tokens", "labels", "loss_mask",
+                                                         "position_ids", "attention_mask")))
+
+
+def configure_for_training(chunks: list, per_token_loss: bool = True) -> None:
+    """Set the schedule hooks megatron-core reads from the model config."""
+    cfg = chunks[0].config
+    cfg.calculate_per_token_loss = per_token_loss
+    cfg.finalize_model_grads_func = finalize_model_grads
+    if isinstance(chunks[0], DistributedDataParallel):
+        cfg.no_sync_func = [c.no_sync for c in chunks] if len(chunks) > 1 else chunks[0].no_sync
+        cfg.grad_sync_func = None
+
+
+def wrap_ddp(chunks: list, overlap_grad_reduce: bool = False,
+             use_distributed_optimizer: bool = False) -> list:
+    """megatron-core DDP around each model chunk (contiguous fp32 grad buffers)."""
+    configure_for_training(chunks)  # DDP reads calculate_per_token_loss when it is built
+    ddp_cfg = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True, overlap_grad_reduce=overlap_grad_reduce,
+        use_distributed_optimizer=use_distributed_optimizer)
+    wrapped = [
+        DistributedDataParallel(c.config, ddp_cfg, c, disable_bucketing=(i > 0))
+        for i, c in enumerate(chunks)
+    ]
+    configure_for_training(wrapped)
+    return wrapped
+
+
+def _forward_step(data_iterator, model):
+    batch: Batch = next(data_iterator)
+    output = model(batch.tokens, batch.position_ids, batch.attention_mask, labels=batch.labels)
+
+    def loss_func(per_token_loss: torch.Tensor):
+        mask = batch.loss_mask.to(per_token_loss.dtype)
+        loss_sum = (per_token_loss.float() * mask).sum()
+        num_tokens = batch.loss_mask.sum().to(torch.int)
+        report = torch.stack([loss_sum.detach(), num_tokens.float()])
+        return loss_sum, num_tokens, {"lm_loss": report}
+
+    return output, loss_func
+
+
+def forward_backward(chunks: list, microbatches: Iterable[Batch], seq_length: int,
+                     micro_batch_size: int, forward_only: bool = False) -> float:
+    """Run the schedule over ``microbatches``; return the token-mean loss of the global batch.
+
+    The loss is reduced over DP ranks and broadcast from the last pipeline stage, so every rank
+    returns the same number.
+    """
+    microbatches = list(microbatches)
+    chunks_cfg = chunks[0].config
+    if not getattr(chunks_cfg, "finalize_model_grads_func", None):
+        configure_for_training(chunks)
+    # One iterator per model chunk: with virtual stages each chunk reads every micro-batch.
+    data_iterators = [iter(microbatches) for _ in chunks] if len(chunks) > 1 else iter(microbatches)
+    fwd_bwd = get_forward_backward_func()
+    store = fwd_bwd(
+        forward_step_func=_forward_step, data_iterator=data_iterators,
+        model=chunks if len(chunks) > 1 else chunks[0], num_microbatches=len(microbatches),
+        seq_length=seq_length, micro_batch_size=micro_batch_size, forward_only=forward_only)
+    totals = torch.zeros(2, dtype=torch.float64)
+    if parallel_state.is_pipeline_last_stage(ignore_virtual=True):
+        for item in store:
+            totals += item["lm_loss"].double().cpu()
+    return _reduce_mean_loss(totals)
+
+
+def _reduce_mean_loss(totals: torch.Tensor) -> float:
+    """Sum (loss, tokens) over DP, then share the last pipeline stage's value with all stages."""
+    device = "cpu" if dist.get_backend() == "gloo" else torch.cuda.current_device()
+    totals = totals.to(device)
+    dist.all_reduce(totals, group=parallel_state.get_data_parallel_group(with_context_parallel=True))
+    dist.all_reduce(totals, group=parallel_state.get_pipeline_model_parallel_group())
+    loss_sum, tokens = totals.tolist()
+    return loss_sum / max(tokens, 1.0)
