@@ -1,0 +1,60 @@
+"""`tanuki`: one command line for the project. Parses and dispatches, nothing else.
+
+    tanuki model-info PRESET [--json]
+    tanuki demo [--steps N]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def cmd_model_info(args) -> int:
+    from megatron_tanuki.models import registry
+
+    info = registry.model_info(args.preset)
+    if args.json:
+        print(json.dumps(info, indent=2, ensure_ascii=False))
+    else:
+        print(registry.format_model_info(info))
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from megatron_tanuki import demo
+
+    r = demo.main(steps=args.steps, seed=args.seed)
+    return 0 if r["after"] < r["before"] else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="tanuki", description="Tanuki LLMs on Megatron-Core")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    mi = sub.add_parser("model-info", help="parameter counts of a preset (built on the meta device)")
+    mi.add_argument("preset")
+    mi.add_argument("--json", action="store_true")
+    mi.set_defaults(func=cmd_model_info)
+
+    d = sub.add_parser("demo", help="the main job on a small embedded default (CPU, 2 ranks)")
+    d.add_argument("--steps", type=int, default=60)
+    d.add_argument("--seed", type=int, default=0)
+    d.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv=None) -> int:
+    from megatron_tanuki.runtime.distributed import LayoutError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (LayoutError, KeyError, ValueError, FileNotFoundError) as e:
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+        print(f"tanuki {args.command}: error: {msg}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
