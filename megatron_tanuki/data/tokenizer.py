@@ -50,5 +50,7 @@ class TanukiTokenizer:
         ids = self.sp.encode(text)
         return ([self.bos_id] if bos else []) + ids + ([self.eos_id] if eos else [])
 
-    def decode(self, ids) -> str:
-        return self.sp.decode([int(i) for i in ids if int(i) < self.vocab_size])
+    def decode(self, ids, skip_special: bool = True) -> str:
+        """Text of ``ids``; padded-vocab ids (>= 65000) and, by default, <s> </s> <pad> dropped."""
+        special = {self.bos_id, self.eos_id, self.pad_id} if skip_special else set()
+        return self.sp.decode([int(i) for i in ids if int(i) < self.vocab_size and int(i) not in special])
