@@ -178,9 +178,12 @@ def init_single_process(layout: ParallelLayout | None = None, model=None, seed: 
     """A one-process world with no networking (HashStore): model-info, unit tests, tools."""
     layout = layout or ParallelLayout()
     layout.validate(1, model)
-    cpu.activate()
+    on_cpu = cpu.activate()
     if not dist.is_initialized():
-        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+        if not on_cpu:
+            torch.cuda.set_device(0)
+        dist.init_process_group("gloo" if on_cpu else "nccl", store=dist.HashStore(), rank=0,
+                                world_size=1)
     setup_model_parallel(layout, seed=seed)
 
 

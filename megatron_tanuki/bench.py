@@ -1,0 +1,133 @@
+"""Training-step benchmark of a Tanuki transformer block (what `tools/bench_train_step.py` runs).
+
+Builds ``--layers`` layers of a preset's shape with the same layer spec the models use (SDPA core
+attention, Tanuki RMSNorm and router on the non-TE path; TE spec when available), times
+forward + backward after warm-up, and prints tokens/s, model TFLOPS and peak memory.
+Model FLOPs follow ../shared/probes: 3 x forward matmul FLOPs, causal attention counted as half,
+so the numbers compare with the H100 baselines there (HF Mixtral layers 363, mcore+SDPA 386).
+It measures; it asserts nothing about speed.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class BenchResult:
+    preset: str
+    device: str
+    dtype: str
+    layers: int
+    seq: int
+    batch: int
+    step_s: float
+    tokens_per_s: float
+    model_tflops: float
+    peak_mem_gib: float  # GPU: torch peak allocated; CPU: process peak RSS
+    spec: str
+
+
+def model_flops_per_step(cfg, layers: int, seq: int, batch: int) -> float:
+    """3 x forward matmul FLOPs of ``layers`` layers (no embedding / output layer)."""
+    h, hd = cfg.hidden_size, cfg.head_dim
+    proj = 2 * h * (cfg.num_attention_heads * hd * 2 + 2 * cfg.num_query_groups * hd)
+    attn = 2 * 2 * seq * cfg.num_attention_heads * hd / 2  # QK^T and PV, causal half
+    if cfg.is_moe:
+        mlp = cfg.moe_topk * 3 * 2 * h * cfg.ffn_hidden_size + 2 * h * cfg.num_experts
+    else:
+        mlp = 3 * 2 * h * cfg.ffn_hidden_size
+    return 3 * (proj + attn + mlp) * seq * batch * layers
+
+
+def _peak_memory_bytes(on_gpu: bool) -> int:
+    """GPU: peak allocated by torch during the timed steps. CPU: the process's peak RSS."""
+    if on_gpu:
+        return torch.cuda.max_memory_allocated()
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def run(preset: str = "tanuki-8x8b-tiny", layers: int = 2, seq: int = 128, batch: int = 1,
+        dtype: str = "auto", warmup: int = 2, iters: int = 5) -> BenchResult:
+    from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
+    from megatron.core.transformer.transformer_block import TransformerBlock, TransformerBlockSubmodules
+
+    from megatron_tanuki.models import registry, specs
+    from megatron_tanuki.models.tanuki.builder import BuildOptions, transformer_config
+    from megatron_tanuki.models.tanuki.router import TanukiRouter
+    from megatron_tanuki.runtime import cpu
+    from megatron_tanuki.runtime.distributed import ParallelLayout, init_single_process
+
+    cfg = registry.get_preset(preset).replace(num_layers=layers)
+    on_gpu = cpu.gpu_present()
+    if dtype == "auto":
+        dtype = "bf16" if on_gpu else "fp32"
+    init_single_process(ParallelLayout(), cfg)
+    device = torch.device("cuda") if on_gpu else torch.device("cpu")
+    opts = BuildOptions(dtype=dtype)
+    use_te = specs.te_available()
+    tcfg = transformer_config(cfg, ParallelLayout(), opts, use_te)
+    layer = specs.gpt_layer_spec(cfg.num_experts, TanukiRouter, use_te=use_te)
+    block = TransformerBlock(tcfg, TransformerBlockSubmodules(
+        layer_specs=[layer] * layers, layer_norm=specs.final_norm(use_te))).to(device)
+    rope = RotaryEmbedding(cfg.head_dim, rotary_percent=1.0, rotary_base=cfg.rope_theta)(seq).to(device)
+    x = torch.randn(seq, batch, cfg.hidden_size, device=device, dtype=opts.torch_dtype(),
+                    requires_grad=True)
+
+    def step():
+        y = block(x, attention_mask=None, rotary_pos_emb=rope)
+        y.float().pow(2).mean().backward()
+
+    def sync():
+        if on_gpu:
+            torch.cuda.synchronize()
+
+    for _ in range(warmup):
+        step()
+    sync()
+    if on_gpu:
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        step()
+    sync()
+    step_s = (time.perf_counter() - t0) / iters
+    flops = model_flops_per_step(cfg, layers, seq, batch)
+    return BenchResult(
+        preset=preset, device=torch.cuda.get_device_name() if on_gpu else "cpu", dtype=dtype,
+        layers=layers, seq=seq, batch=batch, step_s=round(step_s, 5),
+        tokens_per_s=round(seq * batch / step_s, 1), model_tflops=round(flops / step_s / 1e12, 3),
+        peak_mem_gib=round(_peak_memory_bytes(on_gpu) / 2**30, 2),
+        spec="transformer-engine" if use_te else "local+sdpa")
+
+
+def main(argv=None) -> int:
+    import argparse
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--preset", default=None, help="default: tanuki-8x8b on a GPU, tanuki-8x8b-tiny on CPU")
+    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--seq", type=int, default=None, help="default: 4096 on a GPU, 128 on CPU")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16"])
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--iters", type=int, default=5)
+    p.add_argument("--json", action="store_true")
+    a = p.parse_args(argv)
+    gpu = torch.cuda.is_available()
+    r = run(preset=a.preset or ("tanuki-8x8b" if gpu else "tanuki-8x8b-tiny"), layers=a.layers,
+            seq=a.seq or (4096 if gpu else 128), batch=a.batch, dtype=a.dtype, warmup=a.warmup,
+            iters=a.iters)
+    if a.json:
+        print(json.dumps(r.__dict__))
+    else:
+        mem = f"{r.peak_mem_gib} GiB" + ("" if gpu else " (process RSS)")
+        print(f"{r.preset} x{r.layers} layers, seq {r.seq}, batch {r.batch}, {r.dtype}, {r.spec} on {r.device}: "
+              f"step {r.step_s * 1e3:.1f} ms, {r.tokens_per_s:,.0f} tokens/s, "
+              f"{r.model_tflops} model TFLOPS, peak memory {mem}")
+    return 0

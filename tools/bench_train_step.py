@@ -1,0 +1,12 @@
+#!/usr/bin/env python
+"""Forward+backward timing of a Tanuki-8x8B-shaped block. Thin wrapper: see megatron_tanuki/bench.py.
+
+    python tools/bench_train_step.py                       # tiny on CPU, full width on a GPU
+    python tools/bench_train_step.py --layers 2 --seq 4096 --batch 1 --json
+"""
+import sys
+
+from megatron_tanuki.bench import main
+
+if __name__ == "__main__":
+    sys.exit(main())
