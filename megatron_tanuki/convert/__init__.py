@@ -1,0 +1,1 @@
+"""Weight conversion HF <-> Megatron: name tables (per model) read by one streaming engine."""
