@@ -2,6 +2,8 @@
 
     tanuki model-info PRESET [--json]
     tanuki demo [--steps N]
+    tanuki convert hf-to-mcore --hf DIR --out DIR [--overwrite]
+    tanuki convert mcore-to-hf --ckpt DIR --out DIR [--overwrite]
 """
 from __future__ import annotations
 
@@ -28,6 +30,22 @@ def cmd_demo(args) -> int:
     return 0 if r["after"] < r["before"] else 1
 
 
+def cmd_convert(args) -> int:
+    import time
+
+    from megatron_tanuki.convert import engine
+
+    t0 = time.perf_counter()
+    if args.direction == "hf-to-mcore":
+        stats = engine.hf_to_mcore(args.hf, args.out, overwrite=args.overwrite)
+    else:
+        stats = engine.mcore_to_hf(args.ckpt, args.out, overwrite=args.overwrite)
+    dt = time.perf_counter() - t0
+    print(f"tanuki convert {args.direction}: {stats.tensors} HF tensors, {stats.bytes / 1e9:.3f} GB "
+          f"in {dt:.1f} s ({stats.bytes / 1e9 / max(dt, 1e-9):.2f} GB/s) -> {args.out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tanuki", description="Tanuki LLMs on Megatron-Core")
     sub = p.add_subparsers(dest="command", required=True)
@@ -36,6 +54,17 @@ def build_parser() -> argparse.ArgumentParser:
     mi.add_argument("preset")
     mi.add_argument("--json", action="store_true")
     mi.set_defaults(func=cmd_model_info)
+
+    conv = sub.add_parser("convert", help="weights HF <-> megatron-core (streaming, CPU)")
+    csub = conv.add_subparsers(dest="direction", required=True)
+    h2m = csub.add_parser("hf-to-mcore", help="HF folder -> megatron-core torch_dist checkpoint")
+    h2m.add_argument("--hf", required=True)
+    m2h = csub.add_parser("mcore-to-hf", help="megatron-core torch_dist checkpoint -> HF folder")
+    m2h.add_argument("--ckpt", required=True)
+    for sp in (h2m, m2h):
+        sp.add_argument("--out", required=True)
+        sp.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+        sp.set_defaults(func=cmd_convert)
 
     d = sub.add_parser("demo", help="the main job on a small embedded default (CPU, 2 ranks)")
     d.add_argument("--steps", type=int, default=60)
@@ -50,7 +79,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (LayoutError, KeyError, ValueError, FileNotFoundError) as e:
+    except (LayoutError, KeyError, ValueError, FileNotFoundError, FileExistsError) as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"tanuki {args.command}: error: {msg}", file=sys.stderr)
         return 2

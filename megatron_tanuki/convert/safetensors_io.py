@@ -12,7 +12,6 @@ import struct
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
@@ -121,41 +120,68 @@ class HFCheckpoint:
                       and not f.endswith(".safetensors"))
 
 
-class ShardedWriter:
-    """Writes tensors into ~max_shard_bytes safetensors shards plus the HF index, streaming."""
+_DTYPE_CODES = {v: k for k, v in _DTYPES.items()}
 
-    def __init__(self, folder: str, max_shard_bytes: int = 5 * 2**30):
-        self.folder, self.max = folder, max_shard_bytes
-        self.pending: dict[str, torch.Tensor] = {}
-        self.pending_bytes = 0
-        self.shards: list[list[str]] = []
-        self.total = 0
+
+class ShardedWriter:
+    """Streams tensors into safetensors shards (~max_shard_bytes each) plus the HF index.
+
+    The names, shapes and dtypes are known before any data (``plan``), so each shard's header is
+    written first and tensor bytes are appended as they arrive: one tensor in memory at a time.
+    Tensors must arrive in plan order.
+    """
+
+    def __init__(self, folder: str, plan: list[tuple[str, tuple, torch.dtype]],
+                 max_shard_bytes: int = 5 * 2**30):
+        self.folder = folder
+        self.shards: list[list[tuple[str, tuple, torch.dtype, int]]] = [[]]
+        size = 0
+        for name, shape, dtype in plan:
+            n = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
+            if self.shards[-1] and size + n > max_shard_bytes:
+                self.shards.append([])
+                size = 0
+            self.shards[-1].append((name, tuple(shape), dtype, n))
+            size += n
+        self.total = sum(n for shard in self.shards for *_, n in shard)
+        self.files = [SINGLE] if len(self.shards) == 1 else [
+            f"model-{i + 1:05d}-of-{len(self.shards):05d}.safetensors" for i in range(len(self.shards))]
+        self.order = [(i, item) for i, shard in enumerate(self.shards) for item in shard]
+        self.pos = 0
+        self.handle = None
+        self.shard = -1
+
+    def _open(self, i: int) -> None:
+        if self.handle:
+            self.handle.close()
+        header, off = {"__metadata__": {"format": "pt"}}, 0
+        for name, shape, dtype, n in self.shards[i]:
+            header[name] = {"dtype": _DTYPE_CODES[dtype], "shape": list(shape), "data_offsets": [off, off + n]}
+            off += n
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)
+        self.handle = open(os.path.join(self.folder, self.files[i]), "wb")
+        self.handle.write(struct.pack("<Q", len(raw)) + raw)
+        self.shard = i
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
-        nbytes = tensor.numel() * tensor.element_size()
-        if self.pending and self.pending_bytes + nbytes > self.max:
-            self._flush()
-        self.pending[name] = tensor.contiguous()
-        self.pending_bytes += nbytes
-        self.total += nbytes
-
-    def _flush(self) -> None:
-        i = len(self.shards)
-        save_file(self.pending, os.path.join(self.folder, f"part-{i:05d}.safetensors"), metadata={"format": "pt"})
-        self.shards.append(list(self.pending))
-        self.pending, self.pending_bytes = {}, 0
+        if self.pos >= len(self.order):
+            raise ValueError(f"tensor {name} is not in the write plan")
+        i, (want, shape, dtype, n) = self.order[self.pos]
+        if name != want or tuple(tensor.shape) != shape or tensor.dtype != dtype:
+            raise ValueError(f"expected {want} {list(shape)} {dtype}, got {name} {list(tensor.shape)} {tensor.dtype}")
+        if i != self.shard:
+            self._open(i)
+        self.handle.write(tensor.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes())
+        self.pos += 1
 
     def close(self) -> None:
-        if self.pending or not self.shards:
-            self._flush()
-        n = len(self.shards)
-        if n == 1:
-            os.rename(os.path.join(self.folder, "part-00000.safetensors"), os.path.join(self.folder, SINGLE))
-            return
-        weight_map = {}
-        for i, names in enumerate(self.shards):
-            final = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
-            os.rename(os.path.join(self.folder, f"part-{i:05d}.safetensors"), os.path.join(self.folder, final))
-            weight_map.update({name: final for name in names})
-        with open(os.path.join(self.folder, INDEX), "w", encoding="utf-8") as f:
-            json.dump({"metadata": {"total_size": self.total}, "weight_map": weight_map}, f, indent=2)
+        if self.pos != len(self.order):
+            raise ValueError(f"write plan not finished: {self.order[self.pos][1][0]} and "
+                             f"{len(self.order) - self.pos - 1} more tensors were never written")
+        if self.handle:
+            self.handle.close()
+        if len(self.shards) > 1:
+            weight_map = {name: self.files[i] for i, (name, *_rest) in self.order}
+            with open(os.path.join(self.folder, INDEX), "w", encoding="utf-8") as f:
+                json.dump({"metadata": {"total_size": self.total}, "weight_map": weight_map}, f, indent=2)

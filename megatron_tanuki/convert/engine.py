@@ -1,0 +1,169 @@
+"""The streaming conversion engine: HF folder <-> megatron-core torch_dist checkpoint.
+
+One table per architecture (models/tanuki/hf_map.py) drives both directions, one rule (one
+megatron parameter) at a time, so peak memory is a few tensors, never the model.
+
+A converted megatron checkpoint folder holds the torch_dist files, ``tanuki.json`` (architecture,
+dtype, HF vocab size) and ``hf/`` (the source config.json, tokenizer and other side files), which
+is how ``mcore-to-hf`` gives back the same config fields.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from dataclasses import dataclass
+
+import torch
+
+from megatron_tanuki.convert import mcore_io, transforms
+from megatron_tanuki.convert.atomic import atomic_output_dir
+from megatron_tanuki.convert.safetensors_io import CheckpointError, HFCheckpoint, ShardedWriter
+from megatron_tanuki.models.tanuki import hf_map
+from megatron_tanuki.models.tanuki.config import TanukiConfig
+from megatron_tanuki.models.tanuki.hf import AUTO_MAP, HF_DIR, REMOTE_CODE_FILES
+from megatron_tanuki.models.tanuki.hf_config import from_hf_config, to_hf_config
+
+META_FILE = "tanuki.json"
+HF_SIDE_DIR = "hf"
+_DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+_DTYPES = {v: k for k, v in _DTYPE_NAMES.items()}
+
+
+@dataclass
+class ConvertStats:
+    tensors: int
+    bytes: int
+
+
+def shape_info(cfg: TanukiConfig, hf_vocab: int) -> transforms.Shape:
+    return transforms.Shape(cfg.num_attention_heads, cfg.num_query_groups, cfg.head_dim, hf_vocab,
+                            cfg.vocab_size)
+
+
+def expected_hf_shapes(cfg: TanukiConfig, hf_vocab: int, mcore_shapes: dict) -> dict[str, tuple]:
+    """HF tensor shapes implied by the config: the table's transforms run on meta tensors."""
+    shape = shape_info(cfg, hf_vocab)
+    out = {}
+    for rule in hf_map.rules(cfg.num_layers, cfg.num_experts):
+        meta = torch.empty(mcore_shapes[rule.mcore], device="meta")
+        for name, t in zip(rule.hf, transforms.to_hf(rule.transform, meta, shape)):
+            out[name] = tuple(t.shape)
+    return out
+
+
+def _check_names(src: HFCheckpoint, cfg: TanukiConfig, expected: dict) -> None:
+    names = set(src.names())
+    ignored = [re.compile(p) for p in hf_map.IGNORED_HF]
+    unexpected = sorted(n for n in names - set(expected) if not any(p.fullmatch(n) for p in ignored))
+    if cfg.is_moe:
+        found = {int(m.group(1)) for n in names
+                 if (m := re.match(r"model\.layers\.\d+\.block_sparse_moe\.experts\.(\d+)\.", n))}
+        if found and len(found) != cfg.num_experts:
+            raise CheckpointError(
+                f"{src.path}/config.json says num_local_experts={cfg.num_experts}, but the weights hold "
+                f"{len(found)} experts (block_sparse_moe.experts.{min(found)}..{max(found)})")
+    if unexpected:
+        raise CheckpointError(
+            f"{src.path}: tensor {unexpected[0]} (in {src.shard_of[unexpected[0]]}) is not part of a "
+            f"{cfg.name} model" + (f" ({len(unexpected) - 1} more)" if len(unexpected) > 1 else ""))
+    missing = [n for n in expected if n not in names]
+    if missing:
+        raise CheckpointError(f"{src.path}: tensor {missing[0]} is missing"
+                              + (f" ({len(missing) - 1} more)" if len(missing) > 1 else ""))
+    for n, shp in expected.items():
+        if src.shape(n) != shp:
+            raise CheckpointError(
+                f"{src.path}/{src.shard_of[n]}: tensor {n} has shape {list(src.shape(n))}, "
+                f"config.json implies {list(shp)}")
+
+
+def hf_to_mcore(hf_dir: str, out: str, overwrite: bool = False) -> ConvertStats:
+    src = HFCheckpoint(hf_dir)
+    cfg = from_hf_config(src.config, os.path.join(src.path, "config.json"))
+    hf_vocab = int(src.config["vocab_size"])
+    dtypes = {src.dtype(n) for n in src.names()}
+    if len(dtypes) != 1 or next(iter(dtypes)) not in _DTYPE_NAMES:
+        raise CheckpointError(f"{src.path}: tensors must share one float dtype, found {sorted(map(str, dtypes))}")
+    dtype = dtypes.pop()
+    _, _, mcore_shapes = mcore_io.model_layout(cfg, dtype)
+    _check_names(src, cfg, expected_hf_shapes(cfg, hf_vocab, mcore_shapes))
+
+    shape = shape_info(cfg, hf_vocab)
+    by_mcore = {r.mcore: r for r in hf_map.rules(cfg.num_layers, cfg.num_experts)}
+    stats = ConvertStats(0, 0)
+
+    def fetch(name: str) -> torch.Tensor:
+        rule = by_mcore[name]
+        t = transforms.to_mcore(rule.transform, [src.get(n) for n in rule.hf], shape)
+        stats.tensors += len(rule.hf)
+        stats.bytes += sum(src.nbytes(n) for n in rule.hf)
+        return t
+
+    with atomic_output_dir(out, overwrite) as tmp:
+        mcore_io.write_checkpoint(tmp, cfg, dtype, fetch)
+        _write_meta(tmp, cfg, dtype, hf_vocab, source=src.path)
+        side = os.path.join(tmp, HF_SIDE_DIR)
+        os.makedirs(side)
+        for f in src.side_files():
+            shutil.copy2(os.path.join(src.path, f), os.path.join(side, f))
+    return stats
+
+
+def _write_meta(folder: str, cfg: TanukiConfig, dtype: torch.dtype, hf_vocab: int, source: str = "") -> None:
+    with open(os.path.join(folder, META_FILE), "w", encoding="utf-8") as f:
+        json.dump({"format": "megatron_tanuki", "version": 1, "model": cfg.to_dict(),
+                   "dtype": _DTYPE_NAMES[dtype], "hf_vocab_size": hf_vocab, "source": source}, f, indent=2)
+
+
+def read_meta(ckpt: str) -> tuple[TanukiConfig, torch.dtype, int]:
+    path = os.path.join(ckpt, META_FILE)
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{ckpt}: no {META_FILE} (not written by megatron_tanuki)")
+    with open(path, encoding="utf-8") as f:
+        meta = json.load(f)
+    return TanukiConfig(**meta["model"]), _DTYPES[meta["dtype"]], int(meta["hf_vocab_size"])
+
+
+def hf_config_for_export(ckpt: str, cfg: TanukiConfig, hf_vocab: int) -> dict:
+    path = os.path.join(ckpt, HF_SIDE_DIR, "config.json")
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    return to_hf_config(cfg, hf_vocab)
+
+
+def write_hf_side(folder: str, hf_config: dict, cfg: TanukiConfig, side_dir: str | None = None) -> None:
+    """config.json (with our auto_map for the MoE), side files, and the MoE's remote code."""
+    if side_dir and os.path.isdir(side_dir):
+        for f in os.listdir(side_dir):
+            if f != "config.json":
+                shutil.copy2(os.path.join(side_dir, f), os.path.join(folder, f))
+    if cfg.is_moe:
+        hf_config = {**hf_config, "auto_map": AUTO_MAP, "model_type": "tanuki",
+                     "architectures": ["TanukiForCausalLM"]}
+        for f in REMOTE_CODE_FILES:
+            shutil.copy2(os.path.join(HF_DIR, f), os.path.join(folder, f))
+    with open(os.path.join(folder, "config.json"), "w", encoding="utf-8") as f:
+        json.dump(hf_config, f, indent=2, ensure_ascii=False)
+
+
+def mcore_to_hf(ckpt: str, out: str, overwrite: bool = False, max_shard_bytes: int = 5 * 2**30) -> ConvertStats:
+    cfg, dtype, hf_vocab = read_meta(ckpt)
+    reader = mcore_io.CheckpointReader(ckpt)
+    _, pieces, mcore_shapes = mcore_io.model_layout(cfg, dtype)
+    shape = shape_info(cfg, hf_vocab)
+    stats = ConvertStats(0, 0)
+    with atomic_output_dir(out, overwrite) as tmp:
+        hf_shapes = expected_hf_shapes(cfg, hf_vocab, mcore_shapes)
+        writer = ShardedWriter(tmp, [(n, s, dtype) for n, s in hf_shapes.items()], max_shard_bytes)
+        for rule in hf_map.rules(cfg.num_layers, cfg.num_experts):
+            t = reader.read_param(pieces[rule.mcore], mcore_shapes[rule.mcore], dtype)
+            for name, hf_t in zip(rule.hf, transforms.to_hf(rule.transform, t, shape)):
+                writer.add(name, hf_t)
+                stats.tensors += 1
+                stats.bytes += hf_t.numel() * hf_t.element_size()
+        writer.close()
+        write_hf_side(tmp, hf_config_for_export(ckpt, cfg, hf_vocab), cfg, os.path.join(ckpt, HF_SIDE_DIR))
+    return stats
