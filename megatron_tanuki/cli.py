@@ -4,6 +4,8 @@
     tanuki demo [--steps N]
     tanuki convert hf-to-mcore --hf DIR --out DIR [--overwrite]
     tanuki convert mcore-to-hf --ckpt DIR --out DIR [--overwrite]
+    tanuki convert verify --hf DIR --ckpt DIR [--tp N --pp N --ep N] [--json]
+    tanuki upcycle --dense DIR --experts 8 --noise 0.001 --seed 0 --out DIR [--to hf|mcore]
 """
 from __future__ import annotations
 
@@ -46,6 +48,25 @@ def cmd_convert(args) -> int:
     return 0
 
 
+def cmd_verify(args) -> int:
+    from megatron_tanuki.convert import verify
+
+    r = verify.verify(args.hf, args.ckpt, tp=args.tp, pp=args.pp, ep=args.ep, text=args.text,
+                      tolerance=args.tolerance)
+    print(verify.to_json(r) if args.json else verify.format_result(r))
+    return 0 if r["ok"] else 1
+
+
+def cmd_upcycle(args) -> int:
+    from megatron_tanuki.convert import upcycle
+
+    upcycle.upcycle(args.dense, args.out, experts=args.experts, topk=args.topk, noise=args.noise,
+                    seed=args.seed, to=args.to, overwrite=args.overwrite)
+    print(f"tanuki upcycle: {args.dense} -> {args.out} ({args.experts} experts, top-{args.topk}, "
+          f"noise {args.noise}, seed {args.seed}, {args.to})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tanuki", description="Tanuki LLMs on Megatron-Core")
     sub = p.add_subparsers(dest="command", required=True)
@@ -65,6 +86,27 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--out", required=True)
         sp.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
         sp.set_defaults(func=cmd_convert)
+
+    ver = csub.add_parser("verify", help="logits of the checkpoint under a layout vs transformers")
+    ver.add_argument("--hf", required=True)
+    ver.add_argument("--ckpt", required=True)
+    for name in ("tp", "pp", "ep"):
+        ver.add_argument(f"--{name}", type=int, default=1)
+    ver.add_argument("--text", default=None, help="input text (default: a Japanese sentence)")
+    ver.add_argument("--tolerance", type=float, default=1e-4)
+    ver.add_argument("--json", action="store_true")
+    ver.set_defaults(func=cmd_verify)
+
+    up = sub.add_parser("upcycle", help="dense Tanuki-8B -> Tanuki-8x8B MoE (the seed recipe)")
+    up.add_argument("--dense", required=True)
+    up.add_argument("--out", required=True)
+    up.add_argument("--experts", type=int, default=8)
+    up.add_argument("--topk", type=int, default=2)
+    up.add_argument("--noise", type=float, default=0.001)
+    up.add_argument("--seed", type=int, default=0)
+    up.add_argument("--to", choices=["hf", "mcore"], default="hf")
+    up.add_argument("--overwrite", action="store_true")
+    up.set_defaults(func=cmd_upcycle)
 
     d = sub.add_parser("demo", help="the main job on a small embedded default (CPU, 2 ranks)")
     d.add_argument("--steps", type=int, default=60)

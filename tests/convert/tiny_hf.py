@@ -2,25 +2,15 @@
 from __future__ import annotations
 
 import os
-import sys
 
 import torch
 
-from megatron_tanuki.models.tanuki.hf import HF_DIR
+from megatron_tanuki.models.tanuki.hf import load_remote_code_classes
 
 VOCAB = 65024
 COMMON = dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
               num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-5,
               rope_theta=500000.0, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
-
-
-def _hf_modules():
-    if HF_DIR not in sys.path:
-        sys.path.insert(0, HF_DIR)
-    from configuration_tanuki import TanukiConfig
-    from modeling_tanuki import TanukiForCausalLM
-
-    return TanukiConfig, TanukiForCausalLM
 
 
 def dense_model(seed: int = 0):
@@ -31,7 +21,7 @@ def dense_model(seed: int = 0):
 
 
 def moe_model(seed: int = 0, experts: int = 4):
-    TanukiConfig, TanukiForCausalLM = _hf_modules()
+    TanukiConfig, TanukiForCausalLM = load_remote_code_classes()
     torch.manual_seed(seed)
     cfg = TanukiConfig(intermediate_size=96, num_local_experts=experts, num_experts_per_tok=2,
                        router_aux_loss_coef=0.001, **COMMON)

@@ -13,3 +13,11 @@ AUTO_MAP = {
     "AutoConfig": "configuration_tanuki.TanukiConfig",
     "AutoModelForCausalLM": "modeling_tanuki.TanukiForCausalLM",
 }
+
+
+def load_remote_code_classes():
+    """(TanukiConfig, TanukiForCausalLM) from the files we ship (not from a checkpoint folder)."""
+    from megatron_tanuki.models.tanuki.hf.configuration_tanuki import TanukiConfig
+    from megatron_tanuki.models.tanuki.hf.modeling_tanuki import TanukiForCausalLM
+
+    return TanukiConfig, TanukiForCausalLM
