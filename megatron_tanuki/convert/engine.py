@@ -80,7 +80,11 @@ def _check_names(src: HFCheckpoint, cfg: TanukiConfig, expected: dict) -> None:
 
 
 def hf_to_mcore(hf_dir: str, out: str, overwrite: bool = False) -> ConvertStats:
-    src = HFCheckpoint(hf_dir)
+    return source_to_mcore(HFCheckpoint(hf_dir), out, overwrite)
+
+
+def source_to_mcore(src, out: str, overwrite: bool = False) -> ConvertStats:
+    """Any HF-like source (names/shape/dtype/nbytes/get/config/side_files/path) -> torch_dist."""
     cfg = from_hf_config(src.config, os.path.join(src.path, "config.json"))
     hf_vocab = int(src.config["vocab_size"])
     dtypes = {src.dtype(n) for n in src.names()}
@@ -108,6 +112,8 @@ def hf_to_mcore(hf_dir: str, out: str, overwrite: bool = False) -> ConvertStats:
         os.makedirs(side)
         for f in src.side_files():
             shutil.copy2(os.path.join(src.path, f), os.path.join(side, f))
+        with open(os.path.join(side, "config.json"), "w", encoding="utf-8") as f:
+            json.dump(src.config, f, indent=2, ensure_ascii=False)
     return stats
 
 
@@ -134,12 +140,11 @@ def hf_config_for_export(ckpt: str, cfg: TanukiConfig, hf_vocab: int) -> dict:
     return to_hf_config(cfg, hf_vocab)
 
 
-def write_hf_side(folder: str, hf_config: dict, cfg: TanukiConfig, side_dir: str | None = None) -> None:
+def write_hf_side(folder: str, hf_config: dict, cfg: TanukiConfig, side_files=()) -> None:
     """config.json (with our auto_map for the MoE), side files, and the MoE's remote code."""
-    if side_dir and os.path.isdir(side_dir):
-        for f in os.listdir(side_dir):
-            if f != "config.json":
-                shutil.copy2(os.path.join(side_dir, f), os.path.join(folder, f))
+    for path in side_files:
+        if os.path.basename(path) != "config.json":
+            shutil.copy2(path, os.path.join(folder, os.path.basename(path)))
     if cfg.is_moe:
         hf_config = {**hf_config, "auto_map": AUTO_MAP, "model_type": "tanuki",
                      "architectures": ["TanukiForCausalLM"]}
@@ -165,5 +170,7 @@ def mcore_to_hf(ckpt: str, out: str, overwrite: bool = False, max_shard_bytes: i
                 stats.tensors += 1
                 stats.bytes += hf_t.numel() * hf_t.element_size()
         writer.close()
-        write_hf_side(tmp, hf_config_for_export(ckpt, cfg, hf_vocab), cfg, os.path.join(ckpt, HF_SIDE_DIR))
+        side = os.path.join(ckpt, HF_SIDE_DIR)
+        side_files = [os.path.join(side, f) for f in sorted(os.listdir(side))] if os.path.isdir(side) else []
+        write_hf_side(tmp, hf_config_for_export(ckpt, cfg, hf_vocab), cfg, side_files)
     return stats
