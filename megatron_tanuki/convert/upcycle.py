@@ -46,8 +46,8 @@ class UpcycledSource:
             self._names[f"model.layers.{layer}.block_sparse_moe.gate.weight"] = (experts, cfg.hidden_size)
             for e in range(experts):
                 for w, d in _DENSE_OF.items():
-                    self._names[f"model.layers.{layer}.block_sparse_moe.experts.{e}.{w}.weight"] = \\
-                        dense.shape(f"model.layers.{layer}.mlp.{d}.weight")
+                    name = f"model.layers.{layer}.block_sparse_moe.experts.{e}.{w}.weight"
+                    self._names[name] = dense.shape(f"model.layers.{layer}.mlp.{d}.weight")
 
     def names(self):
         return list(self._names)

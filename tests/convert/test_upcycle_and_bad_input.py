@@ -1,0 +1,142 @@
+"""Upcycling (seed recipe) and every bad input the conversion must refuse cleanly."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from tests.convert import tiny_hf
+from tests.convert.test_convert import tanuki, tensors
+
+
+@pytest.fixture(scope="module")
+def dense(tmp_path_factory):
+    base = tmp_path_factory.mktemp("upcycle")
+    return tiny_hf.save(tiny_hf.dense_model(seed=3), str(base / "dense"), max_shard_size="5MB"), base
+
+
+def test_upcycle_with_zero_noise_computes_the_dense_model(dense):
+    from transformers import AutoModelForCausalLM, LlamaForCausalLM
+
+    src, base = dense
+    out = str(base / "moe0")
+    tanuki("upcycle", "--dense", src, "--experts", "4", "--noise", "0", "--seed", "0", "--out", out)
+    moe = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True, dtype=torch.float32).eval()
+    ref = LlamaForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
+    assert type(moe).__name__ == "TanukiForCausalLM" and moe.config.num_local_experts == 4
+    ids = torch.tensor([[1, 13414, 282, 483, 275, 1425, 427, 274, 1040, 270]])
+    with torch.no_grad():
+        a, b = moe(ids).logits, ref(ids).logits
+    # p1*y + p2*y with p1 + p2 = 1: equal up to the last bits of fp32
+    assert (a - b).abs().max().item() <= 1e-5
+    assert torch.equal(a.argmax(-1), b.argmax(-1))
+
+
+def test_upcycle_noise_is_seeded_and_to_mcore_verifies(dense):
+    src, base = dense
+    a, b = str(base / "moe-a"), str(base / "moe-b")
+    for out in (a, b):
+        tanuki("upcycle", "--dense", src, "--experts", "4", "--noise", "0.01", "--seed", "7", "--out", out)
+    ta, tb, td = tensors(a), tensors(b), tensors(src)
+    assert all(torch.equal(ta[k], tb[k]) for k in ta)
+    w1 = [ta[f"model.layers.0.block_sparse_moe.experts.{e}.w1.weight"].float() for e in range(4)]
+    gate = td["model.layers.0.mlp.gate_proj.weight"].float()
+    assert not torch.equal(w1[0], w1[1])  # experts differ
+    assert 0.005 < (w1[0] - gate).std().item() < 0.02  # by ~noise
+    mc = str(base / "moe-mcore")
+    tanuki("upcycle", "--dense", src, "--experts", "4", "--noise", "0.01", "--seed", "7", "--to", "mcore", "--out", mc)
+    r = json.loads(tanuki("convert", "verify", "--hf", a, "--ckpt", mc, "--ep", "2", "--json").stdout)
+    assert r["ok"], r
+
+
+# --- bad input: message names the file/tensor, nonzero exit, nothing that looks finished ----------
+
+def _refused(args, out, *needles):
+    r = tanuki(*args, check=False)
+    assert r.returncode != 0
+    for n in needles:
+        assert n in r.stderr, r.stderr
+    parent = os.path.dirname(out)
+    left = [f for f in os.listdir(parent) if f.startswith(os.path.basename(out))]
+    assert left == [], left
+    return r.stderr
+
+
+@pytest.fixture()
+def broken(dense, tmp_path):
+    src, _ = dense
+    copy = str(tmp_path / "hf")
+    shutil.copytree(src, copy)
+    return copy, str(tmp_path / "out")
+
+
+def _shards(folder):
+    with open(os.path.join(folder, "model.safetensors.index.json")) as f:
+        return json.load(f)["weight_map"]
+
+
+def test_truncated_safetensors(broken):
+    hf, out = broken
+    shard = sorted(set(_shards(hf).values()))[-1]
+    path = os.path.join(hf, shard)
+    with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) - 1000)
+    _refused(["convert", "hf-to-mcore", "--hf", hf, "--out", out], out, "truncated safetensors file", shard,
+             "tensor ")
+
+
+def test_shard_in_index_but_missing(broken):
+    hf, out = broken
+    shard = sorted(set(_shards(hf).values()))[0]
+    os.remove(os.path.join(hf, shard))
+    _refused(["convert", "hf-to-mcore", "--hf", hf, "--out", out], out, f"shard {shard}", "is missing",
+             "model.safetensors.index.json")
+
+
+def test_shape_disagrees_with_config(broken):
+    hf, out = broken
+    cfg_path = os.path.join(hf, "config.json")
+    cfg = json.load(open(cfg_path))
+    cfg["intermediate_size"] = 128
+    json.dump(cfg, open(cfg_path, "w"))
+    _refused(["convert", "hf-to-mcore", "--hf", hf, "--out", out], out,
+             "tensor model.layers.0.mlp.gate_proj.weight has shape [160, 64], config.json implies [128, 64]")
+
+
+def test_unknown_model_type(broken):
+    hf, out = broken
+    cfg_path = os.path.join(hf, "config.json")
+    cfg = json.load(open(cfg_path))
+    cfg["model_type"] = "gpt2"
+    json.dump(cfg, open(cfg_path, "w"))
+    _refused(["convert", "hf-to-mcore", "--hf", hf, "--out", out], out, "unknown model_type 'gpt2'", cfg_path)
+
+
+def test_expert_count_disagrees_with_weights(dense, tmp_path):
+    src, base = dense
+    moe = str(tmp_path / "moe")
+    tanuki("upcycle", "--dense", src, "--experts", "4", "--noise", "0", "--out", moe)
+    cfg_path = os.path.join(moe, "config.json")
+    cfg = json.load(open(cfg_path))
+    cfg["num_local_experts"] = 8
+    json.dump(cfg, open(cfg_path, "w"))
+    out = str(tmp_path / "out")
+    _refused(["convert", "hf-to-mcore", "--hf", moe, "--out", out], out,
+             "num_local_experts=8, but the weights hold 4 experts")
+
+
+def test_existing_output_is_refused_unless_overwrite(dense, tmp_path):
+    src, _ = dense
+    out = tmp_path / "taken"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    r = tanuki("convert", "hf-to-mcore", "--hf", src, "--out", str(out), check=False)
+    assert r.returncode != 0 and f"output path exists: {out}" in r.stderr and "--overwrite" in r.stderr
+    assert (out / "keep.txt").read_text() == "mine"
+    tanuki("convert", "hf-to-mcore", "--hf", src, "--out", str(out), "--overwrite")
+    assert not (out / "keep.txt").exists() and (out / "metadata.json").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["taken"]
