@@ -140,3 +140,15 @@ def test_existing_output_is_refused_unless_overwrite(dense, tmp_path):
     tanuki("convert", "hf-to-mcore", "--hf", src, "--out", str(out), "--overwrite")
     assert not (out / "keep.txt").exists() and (out / "metadata.json").exists()
     assert [p.name for p in tmp_path.iterdir()] == ["taken"]
+
+
+def test_bench_convert_runs_and_reports():
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    r = subprocess.run([sys.executable, os.path.join(root, "tools", "bench_convert.py"), "--preset",
+                        "tanuki-8x8b-tiny", "--layers", "1", "--json"], capture_output=True, text=True,
+                       timeout=600, check=True)
+    res = json.loads(r.stdout)
+    assert res["preset"] == "tanuki-8x8b-tiny" and res["checkpoint_gb"] > 0
+    for step in ("raw_read_write", "hf_to_mcore", "mcore_to_hf"):
+        assert res[step]["seconds"] > 0 and res[step]["gb_per_s"] > 0 and res[step]["peak_rss_gb"] > 0
+    assert res["hf_to_mcore"]["ratio_to_raw"] > 0
