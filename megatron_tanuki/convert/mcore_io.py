@@ -75,7 +75,7 @@ def model_layout(cfg, dtype: torch.dtype):
 class _StreamingPlanner:
     """Mixin over megatron-core's save planner: tensor data comes from ``fetch`` on demand."""
 
-    def __init__(self, by_chunk: dict, fetch: Callable[[str], torch.Tensor], cache_size: int = 2, **kw):
+    def __init__(self, by_chunk: dict, fetch: Callable[[str], torch.Tensor], cache_size: int = 1, **kw):
         super().__init__(**kw)
         self.by_chunk, self.fetch = by_chunk, fetch
         self.cache: OrderedDict[str, torch.Tensor] = OrderedDict()

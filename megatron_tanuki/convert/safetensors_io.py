@@ -11,7 +11,6 @@ import os
 import struct
 
 import torch
-from safetensors import safe_open
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
@@ -22,7 +21,10 @@ class CheckpointError(ValueError):
 
 
 def read_header(path: str) -> dict:
-    """The safetensors header of ``path``, checked against the file's size."""
+    """The safetensors header of ``path``, checked against the file's size.
+
+    Each entry gains ``"start"``: the absolute byte offset of its data in the file.
+    """
     size = os.path.getsize(path)
     with open(path, "rb") as f:
         raw = f.read(8)
@@ -37,6 +39,7 @@ def read_header(path: str) -> dict:
             raise CheckpointError(f"corrupt safetensors header in {path}: {e}") from None
     header.pop("__metadata__", None)
     for name, info in header.items():
+        info["start"] = 8 + n + info["data_offsets"][0]
         end = 8 + n + info["data_offsets"][1]
         if end > size:
             raise CheckpointError(
@@ -89,7 +92,6 @@ class HFCheckpoint:
             for name, shard in weight_map.items():
                 if name not in self.headers[shard]:
                     raise CheckpointError(f"{index} puts tensor {name} in {shard}, which does not contain it")
-        self._handles = {}
 
     def names(self) -> list[str]:
         return list(self.shard_of)
@@ -105,12 +107,21 @@ class HFCheckpoint:
         return b - a
 
     def get(self, name: str) -> torch.Tensor:
+        """One tensor, read with a plain seek + read (no mmap: the process keeps only this tensor)."""
         if name not in self.shard_of:
             raise CheckpointError(f"tensor {name} not found in {self.path}")
         shard = self.shard_of[name]
-        if shard not in self._handles:
-            self._handles[shard] = safe_open(os.path.join(self.path, shard), framework="pt")
-        return self._handles[shard].get_tensor(name)
+        info = self.headers[shard][name]
+        nbytes = info["data_offsets"][1] - info["data_offsets"][0]
+        buf = bytearray(nbytes)
+        with open(os.path.join(self.path, shard), "rb", buffering=0) as f:
+            f.seek(info["start"])
+            if f.readinto(buf) != nbytes:
+                raise CheckpointError(f"truncated safetensors file: {self.path}/{shard} while reading {name}")
+        dtype = _DTYPES[info["dtype"]]
+        if nbytes == 0:
+            return torch.empty(info["shape"], dtype=dtype)
+        return torch.frombuffer(buf, dtype=dtype).reshape(info["shape"])
 
     def side_files(self) -> list[str]:
         """Files that are not weights (tokenizer, generation config, ...), passed through."""
