@@ -34,6 +34,17 @@ class ParallelLayout:
     def expert_tp(self) -> int:
         return self.etp if self.etp is not None else self.tp
 
+    def mcore_sizes(self) -> dict:
+        """The sizes under megatron-core's names (initialize_model_parallel, TransformerConfig)."""
+        return dict(
+            tensor_model_parallel_size=self.tp,
+            pipeline_model_parallel_size=self.pp,
+            virtual_pipeline_model_parallel_size=self.vpp,
+            context_parallel_size=self.cp,
+            expert_model_parallel_size=self.ep,
+            expert_tensor_parallel_size=self.expert_tp,
+        )
+
     def data_parallel_size(self, world_size: int) -> int:
         return world_size // (self.tp * self.pp * self.cp)
 
@@ -194,15 +205,7 @@ def setup_model_parallel(layout: ParallelLayout, seed: int = 1234) -> None:
 
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
-    parallel_state.initialize_model_parallel(
-        tensor_model_parallel_size=layout.tp,
-        pipeline_model_parallel_size=layout.pp,
-        virtual_pipeline_model_parallel_size=layout.vpp,
-        context_parallel_size=layout.cp,
-        expert_model_parallel_size=layout.ep,
-        expert_tensor_parallel_size=layout.etp,
-        create_gloo_process_groups=False,
-    )
+    parallel_state.initialize_model_parallel(**layout.mcore_sizes(), create_gloo_process_groups=False)
     model_parallel_cuda_manual_seed(seed)
 
 

@@ -94,3 +94,9 @@ def test_exported_moe_loads_as_tanuki_with_trust_remote_code(ckpts):
         assert torch.equal(model(ids).logits, ref(ids).logits)
     with pytest.raises(Exception):  # never silently a Mixtral: without remote code it does not load
         AutoModelForCausalLM.from_pretrained(back, trust_remote_code=False)
+
+
+def test_verify_exits_nonzero_beyond_tolerance(ckpts):
+    hf, mc, _ = ckpts["dense"]
+    r = tanuki("convert", "verify", "--hf", hf, "--ckpt", mc, "--tolerance", "-1", check=False)
+    assert r.returncode == 1 and r.stdout.startswith("verify FAILED"), r.stdout + r.stderr

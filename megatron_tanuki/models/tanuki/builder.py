@@ -105,12 +105,7 @@ def transformer_config(cfg: TanukiConfig, layout: ParallelLayout, opts: BuildOpt
         bf16=dtype == torch.bfloat16,
         fp16=dtype == torch.float16,
         pipeline_dtype=dtype,
-        tensor_model_parallel_size=layout.tp,
-        pipeline_model_parallel_size=layout.pp,
-        virtual_pipeline_model_parallel_size=layout.vpp,
-        context_parallel_size=layout.cp,
-        expert_model_parallel_size=layout.ep,
-        expert_tensor_parallel_size=layout.expert_tp,
+        **layout.mcore_sizes(),
         sequence_parallel=layout.sp,
         # Fusions that need apex/TE kernels are on only with TE.
         bias_activation_fusion=False,
