@@ -7,8 +7,10 @@ an exception on any rank is re-raised in the parent with that rank's traceback.
 """
 from __future__ import annotations
 
+import multiprocessing.util
 import os
 import pickle
+import signal
 import socket
 import tempfile
 import traceback
@@ -26,7 +28,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def _exit_now(code: int) -> None:
+    """Leave at once (peers may be stuck in a collective), but first stop our helper processes:
+    megatron-core's checkpoint writer starts a multiprocessing Manager that would outlive us."""
+    try:
+        multiprocessing.util._exit_function()
+    finally:
+        os._exit(code)
+
+
 def _entry(local_rank: int, world_size: int, port: int, outdir: str, fn, args, kwargs, env):
+    signal.signal(signal.SIGTERM, lambda *_: _exit_now(1))
     os.environ.update(env)
     os.environ.update(RANK=str(local_rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(local_rank),
                       LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -39,7 +51,7 @@ def _entry(local_rank: int, world_size: int, port: int, outdir: str, fn, args, k
         pickle.dump(result, f)
     os.replace(path + ".tmp", path)
     if result[0] == "error":
-        os._exit(1)
+        _exit_now(1)
     try:
         import torch.distributed as dist
 

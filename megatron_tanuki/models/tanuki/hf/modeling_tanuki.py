@@ -33,10 +33,11 @@ class TanukiTopKRouter(MixtralTopKRouter):
         self.eps = getattr(config, "router_standardize_eps", 1e-5)
 
     def forward(self, hidden_states):
+        # As the released model: standardize in the model's dtype, softmax in fp32.
         hidden_states = hidden_states.reshape(-1, self.hidden_dim)
-        logits = torch.nn.functional.linear(hidden_states, self.weight).float()
+        logits = torch.nn.functional.linear(hidden_states, self.weight)
         logits = standardize_router_logits(logits, self.eps)
-        probs = torch.softmax(logits, dim=-1)
+        probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
         top_value, top_index = torch.topk(probs, self.top_k, dim=-1)
         top_value = top_value / top_value.sum(dim=-1, keepdim=True)
         return logits, top_value.to(hidden_states.dtype), top_index
