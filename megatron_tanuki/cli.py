@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 
 
@@ -115,10 +116,17 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _terminate(signum, frame):
+    raise SystemExit(128 + signum)
+
+
 def main(argv=None) -> int:
     from megatron_tanuki.runtime.distributed import LayoutError
 
     args = build_parser().parse_args(argv)
+    # Slurm's time limit and scancel send SIGTERM: turn it into an exception so that unfinished
+    # OUT.tmp-* folders are removed on the way out.
+    signal.signal(signal.SIGTERM, _terminate)
     try:
         return args.func(args)
     except (LayoutError, KeyError, ValueError, FileNotFoundError, FileExistsError) as e:

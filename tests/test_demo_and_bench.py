@@ -5,10 +5,16 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TANUKI = os.path.join(os.path.dirname(sys.executable), "tanuki")
 
 
+CPU_ONLY = pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="CPU settings; GPU host")
+
+
+@CPU_ONLY
 def test_demo_loss_falls_over_two_ep_ranks():
     r = subprocess.run([TANUKI, "demo", "--steps", "12"], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout + r.stderr
@@ -23,6 +29,7 @@ def test_demo_loss_falls_over_two_ep_ranks():
     assert steps == [1, 10, 12]
 
 
+@CPU_ONLY
 def test_bench_train_step_runs_on_cpu():
     r = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "bench_train_step.py"), "--json",
                         "--iters", "2", "--warmup", "1", "--seq", "32"],

@@ -163,13 +163,17 @@ def mcore_to_hf(ckpt: str, out: str, overwrite: bool = False, max_shard_bytes: i
     with atomic_output_dir(out, overwrite) as tmp:
         hf_shapes = expected_hf_shapes(cfg, hf_vocab, mcore_shapes)
         writer = ShardedWriter(tmp, [(n, s, dtype) for n, s in hf_shapes.items()], max_shard_bytes)
-        for rule in hf_map.rules(cfg.num_layers, cfg.num_experts):
-            t = reader.read_param(pieces[rule.mcore], mcore_shapes[rule.mcore], dtype)
-            for name, hf_t in zip(rule.hf, transforms.to_hf(rule.transform, t, shape)):
-                writer.add(name, hf_t)
-                stats.tensors += 1
-                stats.bytes += hf_t.numel() * hf_t.element_size()
-        writer.close()
+        try:
+            for rule in hf_map.rules(cfg.num_layers, cfg.num_experts):
+                t = reader.read_param(pieces[rule.mcore], mcore_shapes[rule.mcore], dtype)
+                for name, hf_t in zip(rule.hf, transforms.to_hf(rule.transform, t, shape)):
+                    writer.add(name, hf_t)
+                    stats.tensors += 1
+                    stats.bytes += hf_t.numel() * hf_t.element_size()
+            writer.close()
+        except BaseException:
+            writer.abort()
+            raise
         side = os.path.join(ckpt, HF_SIDE_DIR)
         side_files = [os.path.join(side, f) for f in sorted(os.listdir(side))] if os.path.isdir(side) else []
         write_hf_side(tmp, hf_config_for_export(ckpt, cfg, hf_vocab), cfg, side_files)

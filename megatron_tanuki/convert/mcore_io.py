@@ -159,6 +159,10 @@ class CheckpointReader:
 
     def read(self, key: str, offsets, sizes, dtype=None) -> torch.Tensor:
         """The region [offsets, offsets + sizes) of ``key``, assembled from overlapping chunks."""
+        if key not in self.meta.state_dict_metadata:
+            from megatron_tanuki.convert.safetensors_io import CheckpointError
+
+            raise CheckpointError(f"{self.dir}: checkpoint has no tensor {key}")
         md = self.meta.state_dict_metadata[key]
         out = torch.empty(sizes, dtype=dtype or md.properties.dtype)
         covered = 0
@@ -181,10 +185,11 @@ class CheckpointReader:
 
     def read_param(self, pieces: list[Piece], shape, dtype=None) -> torch.Tensor:
         """A whole TP=1 parameter, from its pieces."""
-        first = self.meta.state_dict_metadata[pieces[0].key]
-        t = torch.empty(shape, dtype=dtype or first.properties.dtype)
+        t = None
         for p in pieces:
-            region = self.read(p.key, p.offsets, p.sizes, t.dtype)
+            region = self.read(p.key, p.offsets, p.sizes, dtype)
+            if t is None:
+                t = torch.empty(shape, dtype=region.dtype)
             v_shape, stride, offset = p.view
             t.as_strided(v_shape, stride, offset).copy_(region.reshape(v_shape))
         return t

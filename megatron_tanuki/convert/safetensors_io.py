@@ -20,6 +20,13 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be converted; the message names the file and tensor."""
 
 
+_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
+           "I64": torch.int64, "I32": torch.int32, "U8": torch.uint8, "BOOL": torch.bool}
+_ITEMSIZE = {"BF16": 2, "F16": 2, "F32": 4, "F64": 8, "I64": 8, "I32": 4, "U8": 1, "BOOL": 1}
+# Other weight formats beside the safetensors: never copied along as "side files".
+_STALE_WEIGHTS = (".bin", ".pt", ".pth", ".ckpt", ".safetensors", ".bin.index.json", ".gguf")
+
+
 def read_header(path: str) -> dict:
     """The safetensors header of ``path``, checked against the file's size.
 
@@ -39,16 +46,24 @@ def read_header(path: str) -> dict:
             raise CheckpointError(f"corrupt safetensors header in {path}: {e}") from None
     header.pop("__metadata__", None)
     for name, info in header.items():
-        info["start"] = 8 + n + info["data_offsets"][0]
-        end = 8 + n + info["data_offsets"][1]
+        if info.get("dtype") not in _DTYPES:
+            raise CheckpointError(f"{path}: tensor {name} has dtype {info.get('dtype')!r}, "
+                                  f"supported: {sorted(_DTYPES)}")
+        a, b = info["data_offsets"]
+        numel = 1
+        for d in info["shape"]:
+            numel *= d
+        if b - a != numel * _ITEMSIZE[info["dtype"]]:
+            raise CheckpointError(f"{path}: tensor {name} spans {b - a} bytes, its shape {info['shape']} "
+                                  f"and dtype {info['dtype']} need {numel * _ITEMSIZE[info['dtype']]}")
+        info["start"] = 8 + n + a
+        end = 8 + n + b
         if end > size:
             raise CheckpointError(
                 f"truncated safetensors file: {path}: tensor {name} ends at byte {end}, file has {size}")
     return header
 
 
-_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
-           "I64": torch.int64, "I32": torch.int32, "U8": torch.uint8, "BOOL": torch.bool}
 
 
 class HFCheckpoint:
@@ -69,8 +84,11 @@ class HFCheckpoint:
         self.shard_of: dict[str, str] = {}
         index = os.path.join(self.path, INDEX)
         if os.path.isfile(index):
-            with open(index, encoding="utf-8") as f:
-                weight_map = json.load(f)["weight_map"]
+            try:
+                with open(index, encoding="utf-8") as f:
+                    weight_map = json.load(f)["weight_map"]
+            except (ValueError, KeyError, TypeError) as e:
+                raise CheckpointError(f"{index}: not a safetensors index ({type(e).__name__}: {e})") from None
             for shard in sorted(set(weight_map.values())):
                 if not os.path.isfile(os.path.join(self.path, shard)):
                     names = sorted(n for n, s in weight_map.items() if s == shard)
@@ -128,7 +146,7 @@ class HFCheckpoint:
         weights = set(self.headers) | {INDEX}
         return sorted(f for f in os.listdir(self.path)
                       if os.path.isfile(os.path.join(self.path, f)) and f not in weights
-                      and not f.endswith(".safetensors"))
+                      and not f.endswith(_STALE_WEIGHTS))
 
 
 _DTYPE_CODES = {v: k for k, v in _DTYPES.items()}
@@ -185,6 +203,11 @@ class ShardedWriter:
             self._open(i)
         self.handle.write(tensor.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes())
         self.pos += 1
+
+    def abort(self) -> None:
+        if self.handle:
+            self.handle.close()
+            self.handle = None
 
     def close(self) -> None:
         if self.pos != len(self.order):

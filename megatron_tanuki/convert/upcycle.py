@@ -82,6 +82,8 @@ class UpcycledSource:
 
 def upcycle(dense_dir: str, out: str, experts: int = 8, topk: int = 2, noise: float = 0.001, seed: int = 0,
             to: str = "hf", overwrite: bool = False) -> None:
+    if not 1 <= topk <= experts:
+        raise ValueError(f"--topk {topk} must be between 1 and --experts {experts}")
     src = UpcycledSource(HFCheckpoint(dense_dir), experts, topk, noise, seed)
     if to == "mcore":
         engine.source_to_mcore(src, out, overwrite)
@@ -89,7 +91,11 @@ def upcycle(dense_dir: str, out: str, experts: int = 8, topk: int = 2, noise: fl
     cfg = from_hf_config(src.config)
     with atomic_output_dir(out, overwrite) as tmp:
         writer = ShardedWriter(tmp, [(n, src.shape(n), src.dtype(n)) for n in src.names()])
-        for n in src.names():
-            writer.add(n, src.get(n))
-        writer.close()
+        try:
+            for n in src.names():
+                writer.add(n, src.get(n))
+            writer.close()
+        except BaseException:
+            writer.abort()
+            raise
         engine.write_hf_side(tmp, src.config, cfg, [os.path.join(src.path, f) for f in src.side_files()])

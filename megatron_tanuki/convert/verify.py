@@ -52,6 +52,8 @@ def _rank_logits(ckpt: str, layout: dict, ids: torch.Tensor):
         c.load_state_dict(state[f"chunk{i}"], strict=True)
         c.eval()
     pos = torch.arange(ids.shape[1]).unsqueeze(0)
+    if torch.cuda.is_available():
+        ids, pos = ids.cuda(), pos.cuda()
 
     def forward_step(data_iterator, model):
         next(data_iterator)

@@ -48,6 +48,12 @@ def gpt_layer_spec(num_experts: int | None, router_cls=None, use_te: bool | None
         subs.input_layernorm = TanukiRMSNorm
         subs.pre_mlp_layernorm = TanukiRMSNorm
         subs.self_attention.submodules.core_attention = SDPAttention
+        if num_experts:
+            # TE's MoE layer keeps a separate pre-MLP norm (checkpoint key pre_mlp_layernorm.*);
+            # the local spec would file it under the dense fused name mlp.linear_fc1.layer_norm_*,
+            # and checkpoints would not move between the two specs.
+            subs.sharded_state_dict_keys_map = {
+                k: v for k, v in subs.sharded_state_dict_keys_map.items() if k != "pre_mlp_layernorm."}
     if num_experts and router_cls is not None:
         spec.submodules.mlp = _with_router(spec.submodules.mlp, router_cls)
     return spec

@@ -32,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib
+import os
 import types
 
 import torch
@@ -134,16 +135,35 @@ def _clip_grad_by_total_norm_fp32(parameters, max_norm, total_norm, use_decouple
         g.detach().mul_(clip_coeff)
 
 
+_GPU_REQUEST_VARS = ("CUDA_VISIBLE_DEVICES", "SLURM_JOB_GPUS", "SLURM_STEP_GPUS", "SLURM_GPUS_ON_NODE")
+
+
+def gpus_requested(env=None) -> list[str]:
+    """Launcher variables that say this process was given GPUs (e.g. by Slurm's --gpus)."""
+    env = os.environ if env is None else env
+    none = {"", "-1", "NoDevFiles"}
+    found = [f"{v}={env[v]}" for v in _GPU_REQUEST_VARS if env.get(v, "").strip() not in none]
+    return [f for f in found if f != "SLURM_GPUS_ON_NODE=0"]
+
+
 def activate() -> bool:
     """Install the CPU redirects if (and only if) no GPU is present. Idempotent.
 
-    Returns True when the CPU runtime is active.
+    Returns True when the CPU runtime is active. Refuses when the launcher gave this process GPUs
+    that torch cannot see (driver or CUDA-build mismatch): a 47B job must not quietly run on gloo.
+    ``TANUKI_ALLOW_CPU=1`` overrides.
     """
     global _ACTIVE
     if _ACTIVE:
         return True
     if gpu_present():
         return False
+    requested = gpus_requested()
+    if requested and os.environ.get("TANUKI_ALLOW_CPU") != "1":
+        raise RuntimeError(
+            f"GPUs were assigned to this process ({', '.join(requested)}) but torch sees none "
+            f"(torch {torch.__version__}, torch.cuda.is_available() is False): check the driver and "
+            f"the CUDA build of torch. Set TANUKI_ALLOW_CPU=1 to run on the CPU anyway.")
 
     cuda = torch.cuda
     cuda.current_device = lambda: "cpu"

@@ -153,8 +153,9 @@ class LaunchEnv:
 
 
 def _first_slurm_host(env) -> str | None:
-    """First host of SLURM_JOB_NODELIST ("node[01-04],x" -> "node01"), without calling scontrol."""
-    nodelist = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
+    """First host of the step's (else the job's) node list ("node[01-04],x" -> "node01"),
+    without calling scontrol: rank 0 of an srun step runs there."""
+    nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
     if not nodelist:
         return None
     first = nodelist.split(",")[0]
@@ -175,7 +176,8 @@ def init_distributed(layout: ParallelLayout, model=None, env: LaunchEnv | None =
     on_cpu = cpu.activate()
     if not dist.is_initialized():
         if not on_cpu:
-            torch.cuda.set_device(env.local_rank)
+            # With one GPU visible per task (--gpus-per-task=1) SLURM_LOCALID may exceed the count.
+            torch.cuda.set_device(env.local_rank % torch.cuda.device_count())
         dist.init_process_group(
             backend="gloo" if on_cpu else "nccl",
             init_method=f"tcp://{env.master_addr}:{env.master_port}",

@@ -40,6 +40,10 @@ def _exit_now(code: int) -> None:
 def _entry(local_rank: int, world_size: int, port: int, outdir: str, fn, args, kwargs, env):
     signal.signal(signal.SIGTERM, lambda *_: _exit_now(1))
     os.environ.update(env)
+    import torch
+
+    # torch is already imported here (unpickling fn), so OMP_NUM_THREADS alone would not apply.
+    torch.set_num_threads(int(env.get("OMP_NUM_THREADS", torch.get_num_threads())))
     os.environ.update(RANK=str(local_rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(local_rank),
                       LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     path = os.path.join(outdir, f"rank{local_rank}.pkl")

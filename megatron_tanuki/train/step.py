@@ -17,6 +17,8 @@ from megatron.core.distributed import DistributedDataParallel, DistributedDataPa
 from megatron.core.distributed.finalize_model_grads import finalize_model_grads
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
+from megatron_tanuki.runtime import cpu
+
 
 @dataclass
 class Batch:
@@ -71,6 +73,8 @@ def wrap_ddp(chunks: list, overlap_grad_reduce: bool = False,
 
 def _forward_step(data_iterator, model):
     batch: Batch = next(data_iterator)
+    if not cpu.is_active():
+        batch = batch.to(torch.cuda.current_device())
     output = model(batch.tokens, batch.position_ids, batch.attention_mask, labels=batch.labels)
 
     def loss_func(per_token_loss: torch.Tensor):

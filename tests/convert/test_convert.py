@@ -92,7 +92,8 @@ def test_exported_moe_loads_as_tanuki_with_trust_remote_code(ckpts):
     ids = torch.tensor([[1, 13414, 282, 483, 275, 1425, 427, 274]])
     with torch.no_grad():
         assert torch.equal(model(ids).logits, ref(ids).logits)
-    with pytest.raises(Exception):  # never silently a Mixtral: without remote code it does not load
+    # never silently a Mixtral: without remote code, transformers refuses the folder
+    with pytest.raises(ValueError, match="contains custom code which must be executed"):
         AutoModelForCausalLM.from_pretrained(back, trust_remote_code=False)
 
 

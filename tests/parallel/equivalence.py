@@ -9,6 +9,7 @@ shaped model, so every parameter is compared element by element, whatever its sh
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 
 import torch
@@ -101,4 +102,7 @@ def run(preset: str, layouts: dict[str, dict], aux_loss_coeff: float = 0.01, see
             "max_ref_grad": max(g.abs().max().item() for g in ref_grads.values()),
             "min_ref_grad_norm": min(g.norm().item() for g in ref_grads.values()),
         }
+    dist.barrier()
+    if dist.get_rank() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
     return results

@@ -2,16 +2,21 @@
 import importlib
 
 import numpy as np
+import pytest
 import torch
 
 from megatron_tanuki.runtime import cpu
 
 
+needs_cpu_only = pytest.mark.skipif(cpu.gpu_present(), reason="checks the CPU runtime; this host has a GPU")
+
+
+@needs_cpu_only
 def test_activate_is_idempotent_and_active_without_gpu():
-    assert not cpu.gpu_present()
     assert cpu.activate() is True and cpu.activate() is True and cpu.is_active()
 
 
+@needs_cpu_only
 def test_current_device_and_hard_coded_cuda_factories_map_to_cpu():
     cpu.activate()
     assert torch.cuda.current_device() == "cpu"
@@ -22,6 +27,7 @@ def test_current_device_and_hard_coded_cuda_factories_map_to_cpu():
     assert torch.zeros(1).cuda().device.type == "cpu"
 
 
+@needs_cpu_only
 def test_streams_are_inert():
     cpu.activate()
     s = torch.cuda.Stream()
@@ -32,6 +38,7 @@ def test_streams_are_inert():
     assert x.tolist() == [2.0, 2.0]
 
 
+@needs_cpu_only
 def test_alltoall_split_sizes_become_numpy():
     cpu.activate()
     from megatron.core.transformer.moe import token_dispatcher
@@ -40,6 +47,7 @@ def test_alltoall_split_sizes_become_numpy():
     assert isinstance(out, np.ndarray) and out.tolist() == [3, 1]
 
 
+@needs_cpu_only
 def test_rng_tracker_seeds_and_forks_reproducibly(single_process):
     from megatron.core.tensor_parallel.random import get_cuda_rng_tracker, model_parallel_cuda_manual_seed
 
@@ -55,6 +63,7 @@ def test_rng_tracker_seeds_and_forks_reproducibly(single_process):
     assert not torch.equal(a_in, a_out)  # the tracker's stream differs from the default one
 
 
+@needs_cpu_only
 def test_grad_clip_matches_torch():
     cpu.activate()
     from megatron.core.optimizer import clip_grads
@@ -67,3 +76,24 @@ def test_grad_clip_matches_torch():
     ref = torch.full((4,), 3.0) * (1.0 / (total + 1e-6))
     for p in ps:
         torch.testing.assert_close(p.grad, ref)
+
+
+def test_gpus_requested_reads_launcher_variables():
+    assert cpu.gpus_requested({}) == []
+    assert cpu.gpus_requested({"CUDA_VISIBLE_DEVICES": "", "SLURM_GPUS_ON_NODE": "0"}) == []
+    assert cpu.gpus_requested({"CUDA_VISIBLE_DEVICES": "0,1"}) == ["CUDA_VISIBLE_DEVICES=0,1"]
+    assert cpu.gpus_requested({"SLURM_JOB_GPUS": "3"}) == ["SLURM_JOB_GPUS=3"]
+
+
+@needs_cpu_only
+def test_cpu_runtime_refuses_when_gpus_were_assigned_but_not_visible():
+    import subprocess
+    import sys
+
+    code = "from megatron_tanuki.runtime import cpu; cpu.activate()"
+    env = {**__import__("os").environ, "CUDA_VISIBLE_DEVICES": "0"}
+    env.pop("TANUKI_ALLOW_CPU", None)
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert r.returncode != 0 and "GPUs were assigned to this process (CUDA_VISIBLE_DEVICES=0)" in r.stderr
+    env["TANUKI_ALLOW_CPU"] = "1"
+    assert subprocess.run([sys.executable, "-c", code], env=env).returncode == 0

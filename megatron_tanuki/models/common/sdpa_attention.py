@@ -5,7 +5,8 @@ Why: megatron-core's local ``DotProductAttention`` materializes the full score m
 (../shared/probes). SDPA picks flash / memory-efficient kernels on GPU and is exact on CPU. It is
 GQA-aware (``enable_gqa``), so KV heads are never repeated in memory.
 
-Masks follow megatron's convention: ``attention_mask`` True means *masked out*.
+Masks follow megatron's convention: ``attention_mask`` True means *masked out*; on a causal layer a
+given mask is combined with the causal one (as Transformer Engine does), never a replacement.
 """
 from __future__ import annotations
 
@@ -35,10 +36,16 @@ class SDPAttention(MegatronModule):
         sq, b, heads, dim = query.shape
         # [s, b, h, d] -> [b, h, s, d]
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
+        causal = mask_type in (AttnMaskType.causal, AttnMaskType.padding_causal)
         if attention_mask is None:
-            mask, causal = None, mask_type in (AttnMaskType.causal, AttnMaskType.padding_causal)
+            mask = None
         else:
-            mask, causal = ~attention_mask, False
+            # A given mask (padding, packed documents) adds to causality, as in TE; never replaces it.
+            mask = ~attention_mask
+            if causal:
+                sk = k.shape[2]
+                mask = mask & torch.ones(sq, sk, dtype=torch.bool, device=q.device).tril(sk - sq)
+            causal = False
         ctx = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=causal, scale=self.softmax_scale,
             dropout_p=self.dropout if self.training else 0.0, enable_gqa=k.shape[1] != q.shape[1])

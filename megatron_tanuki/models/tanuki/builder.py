@@ -131,10 +131,14 @@ def build_model(cfg: TanukiConfig, layout: ParallelLayout, opts: BuildOptions | 
     """
     opts = opts or BuildOptions()
     use_te = specs.te_available() if opts.use_te is None else opts.use_te
+    if device == "meta" and opts.use_te is None:
+        use_te = False  # shapes/keys only: the local spec, whose names the conversion tables use
     opts.validate(use_te)
     tcfg = transformer_config(cfg, layout, opts, use_te)
     if device == "meta":
+        # An explicit device=cuda in megatron's layers would beat the meta context on GPU nodes.
         tcfg.perform_initialization = False
+        tcfg.use_cpu_initialization = True
     layer_spec = specs.gpt_layer_spec(cfg.num_experts, TanukiRouter if cfg.router_standardize else None,
                                       use_te=use_te)
     final_norm = specs.final_norm(use_te)
