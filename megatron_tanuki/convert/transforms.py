@@ -34,17 +34,18 @@ def _qkv_to_mcore(ts, shape: Shape):
     q, k, v = ts
     g, d = shape.num_query_groups, shape.head_dim
     per = shape.num_heads // g
-    hidden = q.shape[1]
-    fused = torch.cat([q.view(g, per * d, hidden), k.view(g, d, hidden), v.view(g, d, hidden)], dim=1)
-    return fused.reshape(g * (per + 2) * d, hidden)
+    rest = q.shape[1:]  # (hidden,) for weights, () for biases
+    fused = torch.cat([q.view(g, per * d, *rest), k.view(g, d, *rest), v.view(g, d, *rest)], dim=1)
+    return fused.reshape(g * (per + 2) * d, *rest)
 
 
 def _qkv_to_hf(t, shape: Shape):
     g, d = shape.num_query_groups, shape.head_dim
     per = shape.num_heads // g
-    grouped = t.view(g, (per + 2) * d, t.shape[1])
+    rest = t.shape[1:]
+    grouped = t.view(g, (per + 2) * d, *rest)
     q, k, v = torch.split(grouped, [per * d, d, d], dim=1)
-    return [x.reshape(-1, t.shape[1]).contiguous() for x in (q, k, v)]
+    return [x.reshape(-1, *rest).contiguous() for x in (q, k, v)]
 
 
 def _glu_to_mcore(ts, shape):

@@ -25,3 +25,13 @@ class TanukiRMSNorm(torch.nn.Module):
         # F.rms_norm is one fused kernel on GPU; in fp32 it is HF's x * rsqrt(mean(x^2) + eps).
         h = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
         return self.weight * h.to(x.dtype)
+
+
+class TanukiLayerNorm(torch.nn.LayerNorm):
+    """LayerNorm (SigLIP tower) whose weight and bias carry the sequence-parallel tag, for the
+    same reason as TanukiRMSNorm: megatron's WrappedTorchNorm refuses sequence parallelism."""
+
+    def __init__(self, config, hidden_size: int, eps: float = 1e-5, **_unused):
+        super().__init__(hidden_size, eps=eps, dtype=config.params_dtype)
+        for p in (self.weight, self.bias):
+            p.sequence_parallel = bool(config.sequence_parallel)
