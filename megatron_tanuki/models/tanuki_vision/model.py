@@ -1,0 +1,109 @@
+"""Tanuki-vision as one megatron-core module: frozen SigLIP tower with S2, projector, Tanuki GPTModel.
+
+Image placeholders are expanded *before* the model (data side): each ``<image>`` becomes
+``num_image_tokens`` copies of IMAGE_TOKEN_ID (-200) with labels ignored, so sequence lengths are
+fixed for pipeline parallelism. On the first pipeline stage the model embeds the text (placeholders
+read as id 0), computes image features, and writes them over the placeholder positions, image after
+image in reading order; later stages only run the language model.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from megatron.core.transformer.module import MegatronModule
+
+from megatron_tanuki.models.tanuki.config import TanukiConfig
+from megatron_tanuki.models.vision.s2 import s2_features
+from megatron_tanuki.models.vision.siglip import SiglipConfig
+
+IMAGE_TOKEN_ID = -200
+IGNORE_INDEX = -100
+
+
+@dataclass(frozen=True)
+class TanukiVisionConfig:
+    name: str
+    llm: TanukiConfig
+    vision: SiglipConfig
+    s2_scales: tuple[float, ...] = (1.0, 0.5)
+    s2_grid: tuple[int, int] = (26, 28)  # how the tower's features are laid out (728 = 26 x 28)
+
+    @property
+    def image_size(self) -> int:
+        """Input resolution: the tile size times the largest scale's tiles per side (768 for S2)."""
+        return int(self.vision.image_size * max(self.s2_scales) * (2 if len(self.s2_scales) > 1 else 1))
+
+    @property
+    def num_image_tokens(self) -> int:
+        return self.s2_grid[0] * self.s2_grid[1]
+
+    @property
+    def projector_input_size(self) -> int:
+        return self.vision.hidden_size * len(self.s2_scales)
+
+
+def expand_image_tokens(ids: list[int], labels: list[int] | None, num_image_tokens: int):
+    """Each IMAGE_TOKEN_ID becomes ``num_image_tokens`` of them; their labels are ignored."""
+    out_ids, out_labels = [], []
+    for i, t in enumerate(ids):
+        if t == IMAGE_TOKEN_ID:
+            out_ids += [IMAGE_TOKEN_ID] * num_image_tokens
+            out_labels += [IGNORE_INDEX] * num_image_tokens
+        else:
+            out_ids.append(t)
+            out_labels.append(labels[i] if labels is not None else t)
+    return out_ids, out_labels
+
+
+class TanukiVisionModel(MegatronModule):
+    """Vision tower (frozen) + projector on the first pipeline stage; the language model throughout."""
+
+    def __init__(self, cfg: TanukiVisionConfig, language_model, vision_tower=None, projector=None):
+        super().__init__(config=language_model.config)
+        self.cfg = cfg
+        self.language_model = language_model
+        self.pre_process = language_model.pre_process
+        self.vision_model = vision_tower
+        self.vision_projection = projector
+        if vision_tower is not None:
+            vision_tower.requires_grad_(False)
+
+    def set_input_tensor(self, input_tensor) -> None:
+        self.language_model.set_input_tensor(input_tensor)
+
+    def set_trainable(self, projector: bool, language_model: bool) -> None:
+        """Stage 1: projector only; stage 2: projector + LLM. The vision tower is always frozen."""
+        if self.vision_projection is not None:
+            self.vision_projection.requires_grad_(projector)
+        self.language_model.requires_grad_(language_model)
+        if self.vision_model is not None:
+            self.vision_model.requires_grad_(False)
+
+    def image_features(self, images: torch.Tensor) -> torch.Tensor:
+        """[n, 3, S, S] normalized pixels -> [n, num_image_tokens, hidden]."""
+        with torch.no_grad():
+            feats = s2_features(self.vision_model, images, self.cfg.s2_scales, self.cfg.vision.image_size,
+                                self.cfg.s2_grid)
+        return self.vision_projection(feats)
+
+    def forward(self, input_ids, position_ids, attention_mask, images=None, labels=None, **kwargs):
+        decoder_input = None
+        if self.pre_process:
+            is_image = input_ids == IMAGE_TOKEN_ID
+            text = self.language_model.embedding(input_ids=input_ids.masked_fill(is_image, 0),
+                                                 position_ids=position_ids)  # [s, b, h]
+            n_placeholders = int(is_image.sum())
+            if n_placeholders:
+                if images is None:
+                    raise ValueError(f"{n_placeholders} image positions in the batch but no images")
+                feats = self.image_features(images).to(text.dtype)
+                if feats.shape[0] * feats.shape[1] != n_placeholders:
+                    raise ValueError(f"{n_placeholders} image positions for {feats.shape[0]} images of "
+                                     f"{feats.shape[1]} tokens")
+                bsh = text.transpose(0, 1).clone()
+                bsh[is_image] = feats.reshape(-1, feats.shape[-1])
+                text = bsh.transpose(0, 1).contiguous()
+            decoder_input = text
+        return self.language_model(input_ids, position_ids, attention_mask, decoder_input=decoder_input,
+                                   labels=labels, **kwargs)
