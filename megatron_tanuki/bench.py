@@ -106,6 +106,86 @@ def run(preset: str = "tanuki-8x8b-tiny", layers: int = 2, seq: int = 128, batch
         spec="transformer-engine" if use_te else "local+sdpa")
 
 
+def vision_flops(vcfg, tiles: int) -> float:
+    """Forward FLOPs of the (frozen) SigLIP tower over ``tiles`` tiles: it gets no backward."""
+    h, f, n = vcfg.hidden_size, vcfg.ffn_hidden_size, vcfg.num_patches
+    per_layer = 2 * n * (4 * h * h + 2 * h * f) + 2 * 2 * n * n * h  # projections+MLP, QK^T+PV
+    return per_layer * vcfg.layers_to_build * tiles
+
+
+def run_vlm(preset: str = "tanuki-8x8b", layers: int = 2, text_tokens: int = 296, batch: int = 1,
+            dtype: str = "auto", warmup: int = 2, iters: int = 5) -> dict:
+    """One step of a Tanuki-vision block: SigLIP-so400m + S2 at 768 px (frozen, forward only),
+    mlp2x_gelu projector, ``layers`` language layers (forward + backward)."""
+    from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
+    from megatron.core.transformer.transformer_block import TransformerBlock, TransformerBlockSubmodules
+
+    from megatron_tanuki.models import registry, specs
+    from megatron_tanuki.models.tanuki.builder import BuildOptions, transformer_config
+    from megatron_tanuki.models.tanuki.router import TanukiRouter
+    from megatron_tanuki.models.vision import siglip
+    from megatron_tanuki.models.vision.projector import build_projector
+    from megatron_tanuki.models.vision.s2 import s2_features
+    from megatron_tanuki.runtime import cpu
+    from megatron_tanuki.runtime.distributed import ParallelLayout, init_single_process
+
+    on_gpu = cpu.gpu_present()
+    dtype = ("bf16" if on_gpu else "fp32") if dtype == "auto" else dtype
+    cfg = registry.get_preset(preset).replace(num_layers=layers)
+    vcfg = siglip.SIGLIP_SO400M if on_gpu else siglip.SIGLIP_TINY
+    grid = (26, 28) if on_gpu else (3, 5)
+    init_single_process(ParallelLayout(), cfg)
+    dev = torch.device("cuda") if on_gpu else torch.device("cpu")
+    opts = BuildOptions(dtype=dtype)
+    tdtype = opts.torch_dtype()
+    use_te = specs.te_available()
+    block = TransformerBlock(transformer_config(cfg, ParallelLayout(), opts, use_te), TransformerBlockSubmodules(
+        layer_specs=[specs.gpt_layer_spec(cfg.num_experts, TanukiRouter, use_te=use_te)] * layers,
+        layer_norm=specs.final_norm(use_te))).to(dev)
+    tower = siglip.SiglipTower(vcfg, siglip.transformer_config(vcfg, ParallelLayout(), tdtype)).to(dev)
+    tower.requires_grad_(False)
+    proj = build_projector(vcfg.hidden_size * 2, cfg.hidden_size, ParallelLayout(), tdtype).to(dev)
+    n_img = grid[0] * grid[1]
+    seq = n_img + text_tokens
+    rope = RotaryEmbedding(cfg.head_dim, rotary_percent=1.0, rotary_base=cfg.rope_theta)(seq).to(dev)
+    images = torch.randn(batch, 3, vcfg.image_size * 2, vcfg.image_size * 2, device=dev, dtype=tdtype)
+    text = torch.randn(text_tokens, batch, cfg.hidden_size, device=dev, dtype=tdtype)
+
+    def step():
+        with torch.no_grad():
+            feats = s2_features(tower, images, (1.0, 0.5), vcfg.image_size, grid)
+        img = proj(feats).transpose(0, 1)  # [728, b, h]
+        x = torch.cat([img, text], dim=0)
+        y = block(x, attention_mask=None, rotary_pos_emb=rope)
+        y.float().pow(2).mean().backward()
+
+    def sync():
+        if on_gpu:
+            torch.cuda.synchronize()
+
+    for _ in range(warmup):
+        step()
+    sync()
+    if on_gpu:
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        step()
+    sync()
+    step_s = (time.perf_counter() - t0) / iters
+    llm = model_flops_per_step(cfg, layers, seq, batch)
+    projector = 3 * 2 * n_img * batch * (vcfg.hidden_size * 2 * cfg.hidden_size + cfg.hidden_size ** 2)
+    vision = vision_flops(vcfg, tiles=5) * batch
+    total = llm + projector + vision
+    return {"preset": preset, "vision": vcfg.name, "device": torch.cuda.get_device_name() if on_gpu else "cpu",
+            "dtype": dtype, "layers": layers, "seq": seq, "image_tokens": n_img, "batch": batch,
+            "step_s": round(step_s, 5), "samples_per_s": round(batch / step_s, 2),
+            "model_tflops": round(total / step_s / 1e12, 3),
+            "flops_share": {"vision": round(vision / total, 3), "projector": round(projector / total, 3),
+                            "llm": round(llm / total, 3)},
+            "peak_mem_gib": round(_peak_memory_bytes(on_gpu) / 2**30, 2)}
+
+
 def main(argv=None) -> int:
     import argparse
 
@@ -118,8 +198,19 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--json", action="store_true")
+    p.add_argument("--vlm", action="store_true",
+                   help="Tanuki-vision step: SigLIP-so400m + S2 at 768 px + projector + --layers LLM layers")
+    p.add_argument("--text-tokens", type=int, default=296, help="--vlm: text tokens after the 728 image tokens")
     a = p.parse_args(argv)
     gpu = torch.cuda.is_available()
+    if a.vlm:
+        r = run_vlm(preset=a.preset or ("tanuki-8x8b" if gpu else "tanuki-8x8b-tiny"), layers=a.layers,
+                    text_tokens=a.text_tokens, batch=a.batch, dtype=a.dtype, warmup=a.warmup, iters=a.iters)
+        print(json.dumps(r) if a.json else
+              f"{r['preset']} + {r['vision']} (S2, 768 px), {r['layers']} LLM layers, seq {r['seq']}, batch "
+              f"{r['batch']}, {r['dtype']} on {r['device']}: step {r['step_s'] * 1e3:.1f} ms, "
+              f"{r['samples_per_s']} samples/s, {r['model_tflops']} model TFLOPS, peak {r['peak_mem_gib']} GiB")
+        return 0
     r = run(preset=a.preset or ("tanuki-8x8b" if gpu else "tanuki-8x8b-tiny"), layers=a.layers,
             seq=a.seq or (4096 if gpu else 128), batch=a.batch, dtype=a.dtype, warmup=a.warmup,
             iters=a.iters)

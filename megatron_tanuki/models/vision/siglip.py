@@ -93,7 +93,7 @@ def layer_spec() -> ModuleSpec:
                     linear_proj=RowParallelLinear, q_layernorm=IdentityOp, k_layernorm=IdentityOp)),
             self_attn_bda=get_bias_dropout_add,
             pre_mlp_layernorm=TanukiLayerNorm,
-            mlp=ModuleSpec(module=MLP, submodules=MLPSubmodules(
+            mlp=partial(MLP.as_mlp_submodule, submodules=MLPSubmodules(
                 linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear)),
             mlp_bda=get_bias_dropout_add,
         ),
