@@ -1,4 +1,5 @@
 """The megatron-core SigLIP tower equals transformers' SiglipVisionModel with LLaVA-JP's selection."""
+import pytest
 import torch
 from transformers import SiglipVisionConfig, SiglipVisionModel
 
@@ -7,12 +8,11 @@ from megatron_tanuki.models.vision import hf_map
 from megatron_tanuki.models.vision.siglip import SIGLIP_TINY, SiglipTower, transformer_config
 
 
-def _hf_tiny(seed=0):
+def _hf_tiny(seed=0, cfg=SIGLIP_TINY):
     torch.manual_seed(seed)
-    c = SiglipVisionConfig(hidden_size=SIGLIP_TINY.hidden_size, intermediate_size=SIGLIP_TINY.ffn_hidden_size,
-                           num_hidden_layers=SIGLIP_TINY.num_layers, num_attention_heads=SIGLIP_TINY.num_heads,
-                           image_size=SIGLIP_TINY.image_size, patch_size=SIGLIP_TINY.patch_size,
-                           layer_norm_eps=SIGLIP_TINY.norm_eps)
+    c = SiglipVisionConfig(hidden_size=cfg.hidden_size, intermediate_size=cfg.ffn_hidden_size,
+                           num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
+                           image_size=cfg.image_size, patch_size=cfg.patch_size, layer_norm_eps=cfg.norm_eps)
     return SiglipVisionModel(c).eval()
 
 
@@ -28,15 +28,17 @@ def _load_from_hf(tower, hf_state):
     assert used == set(params), set(params) - used
 
 
-def test_features_equal_hf_hidden_states_minus_2_without_token_0(single_process):
+@pytest.mark.parametrize("image_size", [56, 62])  # 62 px: not a multiple of 14, like so400m's 384
+def test_features_equal_hf_hidden_states_minus_2_without_token_0(single_process, image_size):
     from megatron_tanuki.runtime.distributed import ParallelLayout
 
-    hf = _hf_tiny()
-    tower = SiglipTower(SIGLIP_TINY, transformer_config(SIGLIP_TINY, ParallelLayout())).eval()
+    cfg = SIGLIP_TINY.replace(image_size=image_size)
+    hf = _hf_tiny(cfg=cfg)
+    tower = SiglipTower(cfg, transformer_config(cfg, ParallelLayout())).eval()
     _load_from_hf(tower, hf.state_dict())
     assert len(tower.decoder.layers) == SIGLIP_TINY.num_layers - 1  # the last layer is never built
     assert tower.ln_post is None
-    pixels = torch.randn(2, 3, SIGLIP_TINY.image_size, SIGLIP_TINY.image_size)
+    pixels = torch.randn(2, 3, image_size, image_size)
     with torch.no_grad():
         ref = hf(pixel_values=pixels, output_hidden_states=True).hidden_states[-2][:, 1:]
         got = tower(pixels)

@@ -105,9 +105,11 @@ class SiglipTower(CLIPViTModel):
 
     def __init__(self, cfg: SiglipConfig, tcfg: TransformerConfig):
         block = TransformerBlockSubmodules(layer_specs=[layer_spec()] * cfg.layers_to_build, layer_norm=None)
+        # 384 px is not a multiple of 14: the patch convolution floors to 27 x 27 (as in HF);
+        # megatron-core asserts divisibility, so it is told the covered size, 27 * 14 = 378.
+        covered = (cfg.image_size // cfg.patch_size) * cfg.patch_size
         super().__init__(tcfg, block, ln_post_impl=TanukiLayerNorm, add_class_token=False, class_token_len=0,
-                         patch_dim=cfg.patch_size, img_h=cfg.image_size, img_w=cfg.image_size,
-                         model_subtype="siglip")
+                         patch_dim=cfg.patch_size, img_h=covered, img_w=covered, model_subtype="siglip")
         self.ln_post = None  # LLaVA-JP reads features before the post LayerNorm
         self.vision_cfg = cfg
 
