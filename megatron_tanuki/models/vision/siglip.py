@@ -111,6 +111,7 @@ class SiglipTower(CLIPViTModel):
         super().__init__(tcfg, block, ln_post_impl=TanukiLayerNorm, add_class_token=False, class_token_len=0,
                          patch_dim=cfg.patch_size, img_h=covered, img_w=covered, model_subtype="siglip")
         self.ln_post = None  # LLaVA-JP reads features before the post LayerNorm
+        self.conv1.to(tcfg.params_dtype)  # megatron builds the patch conv in the default dtype
         self.vision_cfg = cfg
 
     def forward(self, pixels: torch.Tensor, attention_mask=None) -> torch.Tensor:
