@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 from megatron_tanuki.models.tanuki import config as tanuki_config
+from megatron_tanuki.models.tanuki_vision import presets as vision_presets
 
-PRESETS = dict(tanuki_config.PRESETS)
+PRESETS = {**tanuki_config.PRESETS, **vision_presets.PRESETS}
 
 
 def get_preset(name: str):
@@ -17,17 +18,29 @@ def model_info(name: str) -> dict:
     from megatron_tanuki.models.tanuki.builder import BuildOptions, build_model, count_parameters
     from megatron_tanuki.runtime.distributed import ParallelLayout, init_single_process
 
-    cfg = get_preset(name)
+    preset = get_preset(name)
+    vision = preset if isinstance(preset, vision_presets.TanukiVisionConfig) else None
+    cfg = vision.llm if vision else preset
     init_single_process(ParallelLayout(), cfg)
     chunks = build_model(cfg, ParallelLayout(), BuildOptions(perform_initialization=False), device="meta")
     counts = count_parameters(chunks, cfg)
-    return {
+    info = {
         "preset": name,
         "architecture": "moe" if cfg.is_moe else "dense",
         "parameters": {"total": counts["total"], "active": counts["active"],
                        "experts": counts["experts"], "non_expert": counts["non_expert"]},
         "config": cfg.to_dict(),
     }
+    if vision:
+        from megatron_tanuki.models.tanuki_vision.model import projector_parameter_count
+
+        parts = {"vision": vision.vision.parameter_count(), "projector": projector_parameter_count(vision),
+                 "language": counts["total"]}
+        info["architecture"] = f"vision+{info['architecture']}"
+        info["parts"] = parts
+        info["parameters"] = {**info["parameters"], "total": sum(parts.values()),
+                              "active": counts["active"] + parts["vision"] + parts["projector"]}
+    return info
 
 
 def _human(n: int) -> str:
@@ -45,6 +58,8 @@ def format_model_info(info: dict) -> str:
     if c["num_experts"]:
         lines.append(f"  experts {c['num_experts']}, top-{c['moe_topk']}, standardized router,"
                      f" aux-loss coeff {c['moe_aux_loss_coeff']}")
+    if "parts" in info:
+        lines.append("  parts: " + ", ".join(f"{k} {v:,} ({_human(v)})" for k, v in info["parts"].items()))
     lines.append(f"  parameters: total {p['total']:,} ({_human(p['total'])}),"
                  f" active per token {p['active']:,} ({_human(p['active'])})")
     return "\n".join(lines)

@@ -125,3 +125,18 @@ def test_placeholders_without_images_are_refused(single_process):
         m(ids, pos, None)
     with pytest.raises(ValueError, match="30 image positions for 1 images of 15 tokens"):
         m(ids, pos, None, images=images[:1])
+
+
+def test_model_info_reports_parts_and_counts_match_built_modules(single_process):
+    from megatron_tanuki.models.registry import model_info
+    from megatron_tanuki.models.tanuki_vision.model import projector_parameter_count
+
+    m = _tiny_model()
+    n = lambda mod: sum(p.numel() for p in mod.parameters())  # noqa: E731
+    assert SIGLIP_TINY.parameter_count() == n(m.vision_model)
+    assert projector_parameter_count(CFG) == n(m.vision_projection)
+    info = model_info("tanuki-vision-8x8b")
+    parts = info["parts"]
+    assert parts["language"] == 46_973_325_312 and parts["vision"] == 397_745_440
+    assert parts["projector"] == 2304 * 4096 + 4096 + 4096 * 4096 + 4096
+    assert info["parameters"]["total"] == sum(parts.values())

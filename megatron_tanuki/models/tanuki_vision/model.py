@@ -43,6 +43,11 @@ class TanukiVisionConfig:
         return self.vision.hidden_size * len(self.s2_scales)
 
 
+def projector_parameter_count(cfg: TanukiVisionConfig) -> int:
+    h = cfg.llm.hidden_size
+    return cfg.projector_input_size * h + h + h * h + h
+
+
 def expand_image_tokens(ids: list[int], labels: list[int] | None, num_image_tokens: int):
     """Each IMAGE_TOKEN_ID becomes ``num_image_tokens`` of them; their labels are ignored."""
     out_ids, out_labels = [], []

@@ -58,6 +58,14 @@ class SiglipConfig:
         return replace(self, **kw)
 
 
+    def parameter_count(self) -> int:
+        """Parameters of the tower as built (the unused last layer and post LayerNorm excluded)."""
+        h, f, p = self.hidden_size, self.ffn_hidden_size, self.patch_size
+        embeddings = 3 * p * p * h + h + self.num_patches * h
+        layer = (3 * h * h + 3 * h) + (h * h + h) + (h * f + f) + (f * h + h) + 4 * h
+        return embeddings + layer * self.layers_to_build
+
+
 SIGLIP_SO400M = SiglipConfig()
 SIGLIP_TINY = SiglipConfig(name="siglip-tiny", hidden_size=32, num_layers=3, num_heads=4,
                            ffn_hidden_size=64, image_size=56)
