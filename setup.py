@@ -18,6 +18,7 @@ setup(
         "tqdm",
         "numpy",
         "psutil",  # megatron-core dist_checkpointing writers need it
+        "pillow",  # images for Tanuki-vision
     ],
     extras_require={
         # GPU clusters: Transformer Engine brings fused kernels, grouped-GEMM experts and FP8.

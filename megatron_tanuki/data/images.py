@@ -1,0 +1,49 @@
+"""Images for Tanuki-vision: decode, convert to RGB, resize and normalize as SigLIP's processor.
+
+SigLIP's processor: resize to the square input size with bicubic resampling (aspect ratio not
+kept), rescale by 1/255, normalize with mean 0.5 and std 0.5 per channel -> values in [-1, 1].
+For S2 the square size is 768.
+
+Bad input never reaches the model: an undecodable or truncated file raises ImageError naming the
+sample; non-RGB modes are converted with PIL's ``convert("RGB")`` exactly as LLaVA-JP did in
+training (RGBA/LA drop alpha, L/P/CMYK/I;16 map to RGB); an image smaller than one 14-px patch on
+either side is refused, since it holds no visual content at the model's resolution.
+"""
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+MIN_SIDE = 14
+MEAN = STD = 0.5
+
+
+class ImageError(ValueError):
+    pass
+
+
+def load_image(source, sample: str) -> Image.Image:
+    """``source``: a path or bytes. Returns a fully decoded RGB image."""
+    where = source if isinstance(source, str) else "<bytes>"
+    try:
+        img = Image.open(io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source)
+        img.load()  # decode now: truncated files fail here, not later inside a batch
+    except FileNotFoundError:
+        raise ImageError(f"{sample}: image file not found: {where}") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise ImageError(f"{sample}: cannot decode image {where}: {e}") from None
+    if min(img.size) < MIN_SIDE:
+        raise ImageError(f"{sample}: image {where} is {img.size[0]}x{img.size[1]} px, smaller than one "
+                         f"{MIN_SIDE}-px patch")
+    return img if img.mode == "RGB" else img.convert("RGB")
+
+
+def preprocess(img: Image.Image, size: int = 768) -> torch.Tensor:
+    """RGB PIL image -> [3, size, size] float32 in [-1, 1]."""
+    resized = img.resize((size, size), resample=Image.Resampling.BICUBIC)
+    x = np.asarray(resized, dtype=np.float32) * (1 / 255)
+    x = (x - MEAN) / STD
+    return torch.from_numpy(x).permute(2, 0, 1).contiguous()
