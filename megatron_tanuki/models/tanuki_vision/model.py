@@ -67,12 +67,20 @@ class TanukiVisionModel(MegatronModule):
     def __init__(self, cfg: TanukiVisionConfig, language_model, vision_tower=None, projector=None):
         super().__init__(config=language_model.config)
         self.cfg = cfg
+        self.model_type = language_model.model_type  # read by megatron-core's schedules
         self.language_model = language_model
         self.pre_process = language_model.pre_process
         self.vision_model = vision_tower
         self.vision_projection = projector
         if vision_tower is not None:
             vision_tower.requires_grad_(False)
+        # With sequence parallelism the embedding would scatter the sequence before the image
+        # features are written; we scatter ourselves afterwards.
+        self.sequence_parallel = language_model.config.sequence_parallel
+        if self.pre_process and self.sequence_parallel:
+            emb = language_model.embedding
+            emb.scatter_to_sequence_parallel = False
+            emb.reduce_scatter_embeddings = emb.word_embeddings.reduce_scatter_embeddings = False
 
     def set_input_tensor(self, input_tensor) -> None:
         self.language_model.set_input_tensor(input_tensor)
@@ -109,6 +117,10 @@ class TanukiVisionModel(MegatronModule):
                 bsh = text.transpose(0, 1).clone()
                 bsh[is_image] = feats.reshape(-1, feats.shape[-1])
                 text = bsh.transpose(0, 1).contiguous()
+            if self.sequence_parallel:
+                from megatron.core.tensor_parallel import scatter_to_sequence_parallel_region
+
+                text = scatter_to_sequence_parallel_region(text)
             decoder_input = text
         return self.language_model(input_ids, position_ids, attention_mask, decoder_input=decoder_input,
                                    labels=labels, **kwargs)

@@ -24,7 +24,8 @@ def projector_config(input_size: int, hidden_size: int, layout, dtype=torch.floa
     from megatron_tanuki.runtime import cpu
 
     return TransformerConfig(
-        num_layers=1, hidden_size=hidden_size, ffn_hidden_size=hidden_size, num_attention_heads=1,
+        num_layers=1, hidden_size=hidden_size, ffn_hidden_size=hidden_size,
+        num_attention_heads=layout.tp,  # unused by the MLP; megatron checks divisibility by TP
         add_bias_linear=True, gated_linear_unit=False, activation_func=F.gelu,
         bias_activation_fusion=False, gradient_accumulation_fusion=False, params_dtype=dtype,
         bf16=dtype == torch.bfloat16, use_cpu_initialization=cpu.is_active() or not cpu.gpu_present(),

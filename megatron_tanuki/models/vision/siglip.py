@@ -84,7 +84,8 @@ def transformer_config(cfg: SiglipConfig, layout, dtype: torch.dtype = torch.flo
         apply_rope_fusion=False, gradient_accumulation_fusion=False, persist_layer_norm=False,
         params_dtype=dtype, bf16=dtype == torch.bfloat16, pipeline_dtype=dtype,
         use_cpu_initialization=cpu.is_active() or not cpu.gpu_present(),
-        tensor_model_parallel_size=layout.tp, sequence_parallel=layout.sp,
+        # TP for the tower, never sequence parallel: its 729-token tiles are not scattered.
+        tensor_model_parallel_size=layout.tp, sequence_parallel=False,
     )
 
 
