@@ -43,6 +43,24 @@ def model_flops_per_step(cfg, layers: int, seq: int, batch: int) -> float:
     return 3 * (proj + attn + mlp) * seq * batch * layers
 
 
+def _seconds_per_step(step, warmup: int, iters: int, on_gpu: bool) -> float:
+    """Mean wall time of ``step`` after ``warmup`` calls; GPU peak-memory stats restart here."""
+    def sync():
+        if on_gpu:
+            torch.cuda.synchronize()
+
+    for _ in range(warmup):
+        step()
+    sync()
+    if on_gpu:
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        step()
+    sync()
+    return (time.perf_counter() - t0) / iters
+
+
 def _peak_memory_bytes(on_gpu: bool) -> int:
     """GPU: peak allocated by torch during the timed steps. CPU: the process's peak RSS."""
     if on_gpu:
@@ -83,20 +101,7 @@ def run(preset: str = "tanuki-8x8b-tiny", layers: int = 2, seq: int = 128, batch
         y = block(x, attention_mask=None, rotary_pos_emb=rope)
         y.float().pow(2).mean().backward()
 
-    def sync():
-        if on_gpu:
-            torch.cuda.synchronize()
-
-    for _ in range(warmup):
-        step()
-    sync()
-    if on_gpu:
-        torch.cuda.reset_peak_memory_stats()
-    t0 = time.perf_counter()
-    for _ in range(iters):
-        step()
-    sync()
-    step_s = (time.perf_counter() - t0) / iters
+    step_s = _seconds_per_step(step, warmup, iters, on_gpu)
     flops = model_flops_per_step(cfg, layers, seq, batch)
     return BenchResult(
         preset=preset, device=torch.cuda.get_device_name() if on_gpu else "cpu", dtype=dtype,
@@ -159,20 +164,7 @@ def run_vlm(preset: str = "tanuki-8x8b", layers: int = 2, text_tokens: int = 296
         y = block(x, attention_mask=None, rotary_pos_emb=rope)
         y.float().pow(2).mean().backward()
 
-    def sync():
-        if on_gpu:
-            torch.cuda.synchronize()
-
-    for _ in range(warmup):
-        step()
-    sync()
-    if on_gpu:
-        torch.cuda.reset_peak_memory_stats()
-    t0 = time.perf_counter()
-    for _ in range(iters):
-        step()
-    sync()
-    step_s = (time.perf_counter() - t0) / iters
+    step_s = _seconds_per_step(step, warmup, iters, on_gpu)
     llm = model_flops_per_step(cfg, layers, seq, batch)
     projector = 3 * 2 * n_img * batch * (vcfg.hidden_size * 2 * cfg.hidden_size + cfg.hidden_size ** 2)
     vision = vision_flops(vcfg, tiles=5) * batch

@@ -8,7 +8,7 @@ image in reading order; later stages only run the language model.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from megatron.core.transformer.module import MegatronModule
@@ -17,8 +17,7 @@ from megatron_tanuki.models.tanuki.config import TanukiConfig
 from megatron_tanuki.models.vision.s2 import s2_features
 from megatron_tanuki.models.vision.siglip import SiglipConfig
 
-IMAGE_TOKEN_ID = -200
-IGNORE_INDEX = -100
+from megatron_tanuki.data.templates import IGNORE_INDEX, IMAGE_TOKEN_ID  # noqa: F401 (re-exported)
 
 
 @dataclass(frozen=True)
