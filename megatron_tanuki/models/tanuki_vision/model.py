@@ -13,11 +13,10 @@ from dataclasses import dataclass
 import torch
 from megatron.core.transformer.module import MegatronModule
 
+from megatron_tanuki.data.templates import IGNORE_INDEX, IMAGE_TOKEN_ID  # noqa: F401 (re-exported)
 from megatron_tanuki.models.tanuki.config import TanukiConfig
 from megatron_tanuki.models.vision.s2 import s2_features
 from megatron_tanuki.models.vision.siglip import SiglipConfig
-
-from megatron_tanuki.data.templates import IGNORE_INDEX, IMAGE_TOKEN_ID  # noqa: F401 (re-exported)
 
 
 @dataclass(frozen=True)
