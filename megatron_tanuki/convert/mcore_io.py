@@ -142,9 +142,6 @@ class CheckpointReader:
                         for i, s in self.meta.storage_data.items()}
         self._last = (None, None)
 
-    def keys(self):
-        return self.meta.state_dict_metadata.keys()
-
     def _chunk(self, key, offsets) -> torch.Tensor:
         if self._last[0] == (key, offsets):
             return self._last[1]

@@ -12,6 +12,8 @@ import os
 
 import torch
 
+from megatron_tanuki.convert.engine import read_meta
+
 DEFAULT_TEXT = "たぬきは日本の森に住む動物で、夜になると食べ物を探しに出かけます。"
 
 
@@ -38,7 +40,6 @@ def _rank_logits(ckpt: str, layout: dict, ids: torch.Tensor):
     from megatron.core.pipeline_parallel import get_forward_backward_func
     from megatron.core.tensor_parallel.mappings import gather_from_tensor_model_parallel_region
 
-    from megatron_tanuki.convert.engine import read_meta
     from megatron_tanuki.models.tanuki.builder import BuildOptions, build_model
     from megatron_tanuki.runtime.distributed import ParallelLayout, init_distributed
 
@@ -83,14 +84,10 @@ def verify(hf_dir: str, ckpt: str, tp: int = 1, pp: int = 1, ep: int = 1, text: 
     from megatron_tanuki.data.tokenizer import TanukiTokenizer
     from megatron_tanuki.runtime.spawn import run_ranks
 
+    cfg, _, _ = read_meta(ckpt)
     ids = torch.tensor([TanukiTokenizer().encode(text or DEFAULT_TEXT, bos=True)])
     ref = hf_reference_logits(hf_dir, ids)
-    layout = {"tp": tp, "pp": pp, "ep": ep, "sp": tp > 1}
-    from megatron_tanuki.convert.engine import read_meta
-
-    cfg, _, _ = read_meta(ckpt)
-    if not cfg.is_moe:
-        layout["sp"] = False
+    layout = {"tp": tp, "pp": pp, "ep": ep, "sp": tp > 1 and cfg.is_moe}  # MoE with TP needs SP
     world = tp * pp * ep
     got = next(r for r in run_ranks(_rank_logits, world, ckpt, layout, ids) if r is not None)
     diff = (got - ref).abs().max().item()

@@ -45,9 +45,6 @@ class ParallelLayout:
             expert_tensor_parallel_size=self.expert_tp,
         )
 
-    def data_parallel_size(self, world_size: int) -> int:
-        return world_size // (self.tp * self.pp * self.cp)
-
     def describe(self) -> str:
         parts = [f"TP={self.tp}", f"PP={self.pp}"]
         if self.vpp:
