@@ -2,9 +2,9 @@
 
     tanuki model-info PRESET [--json]
     tanuki demo [--steps N]
-    tanuki convert hf-to-mcore --hf DIR --out DIR [--overwrite]
+    tanuki convert hf-to-mcore --hf DIR --out DIR [--vision SIGLIP_DIR] [--overwrite]
     tanuki convert mcore-to-hf --ckpt DIR --out DIR [--overwrite]
-    tanuki convert verify --hf DIR --ckpt DIR [--tp N --pp N --ep N] [--json]
+    tanuki convert verify --hf DIR --ckpt DIR [--tp N --pp N --ep N] [--image FILE] [--vision DIR] [--json]
     tanuki upcycle --dense DIR --experts 8 --noise 0.001 --seed 0 --out DIR [--to hf|mcore]
 """
 from __future__ import annotations
@@ -40,7 +40,7 @@ def cmd_convert(args) -> int:
 
     t0 = time.perf_counter()
     if args.direction == "hf-to-mcore":
-        stats = engine.hf_to_mcore(args.hf, args.out, overwrite=args.overwrite)
+        stats = engine.hf_to_mcore(args.hf, args.out, overwrite=args.overwrite, vision_dir=args.vision)
     else:
         stats = engine.mcore_to_hf(args.ckpt, args.out, overwrite=args.overwrite)
     dt = time.perf_counter() - t0
@@ -53,7 +53,7 @@ def cmd_verify(args) -> int:
     from megatron_tanuki.convert import verify
 
     r = verify.verify(args.hf, args.ckpt, tp=args.tp, pp=args.pp, ep=args.ep, text=args.text,
-                      tolerance=args.tolerance)
+                      tolerance=args.tolerance, image=args.image, vision_dir=args.vision)
     print(verify.to_json(r) if args.json else verify.format_result(r))
     return 0 if r["ok"] else 1
 
@@ -81,6 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     csub = conv.add_subparsers(dest="direction", required=True)
     h2m = csub.add_parser("hf-to-mcore", help="HF folder -> megatron-core torch_dist checkpoint")
     h2m.add_argument("--hf", required=True)
+    h2m.add_argument("--vision", default=None, help="LLaVA-JP: the SigLIP folder, if the tower is not inside --hf")
     m2h = csub.add_parser("mcore-to-hf", help="megatron-core torch_dist checkpoint -> HF folder")
     m2h.add_argument("--ckpt", required=True)
     for sp in (h2m, m2h):
@@ -93,7 +94,10 @@ def build_parser() -> argparse.ArgumentParser:
     ver.add_argument("--ckpt", required=True)
     for name in ("tp", "pp", "ep"):
         ver.add_argument(f"--{name}", type=int, default=1)
-    ver.add_argument("--text", default=None, help="input text (default: a Japanese sentence)")
+    ver.add_argument("--text", default=None, help="input text (default: a Japanese sentence; for a VLM "
+                     "'<image>' plus a question)")
+    ver.add_argument("--image", default=None, help="VLM: an image file (default: a generated test image)")
+    ver.add_argument("--vision", default=None, help="VLM: the SigLIP folder, if not inside --hf")
     ver.add_argument("--tolerance", type=float, default=1e-4)
     ver.add_argument("--json", action="store_true")
     ver.set_defaults(func=cmd_verify)

@@ -1,11 +1,13 @@
 """The streaming conversion engine: HF folder <-> megatron-core torch_dist checkpoint.
 
-One table per architecture (models/tanuki/hf_map.py) drives both directions, one rule (one
-megatron parameter) at a time, so peak memory is a few tensors, never the model.
+One table per architecture (models/tanuki/hf_map.py, models/tanuki_vision/hf_map.py) drives both
+directions, one rule (one megatron parameter) at a time, so peak memory is a few tensors, never
+the model.
 
 A converted megatron checkpoint folder holds the torch_dist files, ``tanuki.json`` (architecture,
-dtype, HF vocab size) and ``hf/`` (the source config.json, tokenizer and other side files), which
-is how ``mcore-to-hf`` gives back the same config fields.
+dtype, HF vocab size), ``hf/`` (the source config.json, tokenizer and other side files), which is
+how ``mcore-to-hf`` gives back the same config fields, and for Tanuki-vision ``carried/``: the
+SigLIP tensors the model never computes, kept so the round trip returns every source tensor.
 """
 from __future__ import annotations
 
@@ -20,13 +22,18 @@ import torch
 from megatron_tanuki.convert import mcore_io, transforms
 from megatron_tanuki.convert.atomic import atomic_output_dir
 from megatron_tanuki.convert.safetensors_io import CheckpointError, HFCheckpoint, ShardedWriter
+from megatron_tanuki.convert.sources import open_source
 from megatron_tanuki.models.tanuki import hf_map
 from megatron_tanuki.models.tanuki.config import TanukiConfig
 from megatron_tanuki.models.tanuki.hf import AUTO_MAP, HF_DIR, REMOTE_CODE_FILES
 from megatron_tanuki.models.tanuki.hf_config import from_hf_config, to_hf_config
+from megatron_tanuki.models.tanuki_vision import hf_map as vlm_map
+from megatron_tanuki.models.tanuki_vision.hf_config import siglip_to_hf, to_llava_jp_config
+from megatron_tanuki.models.tanuki_vision.model import TanukiVisionConfig
 
 META_FILE = "tanuki.json"
 HF_SIDE_DIR = "hf"
+CARRIED_DIR = "carried"
 _DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 _DTYPES = {v: k for k, v in _DTYPE_NAMES.items()}
 
@@ -42,27 +49,46 @@ def shape_info(cfg: TanukiConfig, hf_vocab: int) -> transforms.Shape:
                             cfg.vocab_size)
 
 
-def expected_hf_shapes(cfg: TanukiConfig, hf_vocab: int, mcore_shapes: dict) -> dict[str, tuple]:
-    """HF tensor shapes implied by the config: the table's transforms run on meta tensors."""
+def bound_rules(cfg, hf_vocab: int):
+    """(Rule, Shape) pairs of the architecture, in streaming order."""
+    if isinstance(cfg, TanukiVisionConfig):
+        yield from vlm_map.rules(cfg, hf_vocab)
+        return
     shape = shape_info(cfg, hf_vocab)
-    out = {}
     for rule in hf_map.rules(cfg.num_layers, cfg.num_experts):
+        yield rule, shape
+
+
+def _llm(cfg) -> TanukiConfig:
+    return cfg.llm if isinstance(cfg, TanukiVisionConfig) else cfg
+
+
+def _is_carried(cfg, name: str) -> bool:
+    return isinstance(cfg, TanukiVisionConfig) and vlm_map.is_carried(name, cfg)
+
+
+def expected_hf_shapes(cfg, hf_vocab: int, mcore_shapes: dict) -> dict[str, tuple]:
+    """HF tensor shapes implied by the config: the table's transforms run on meta tensors."""
+    out = {}
+    for rule, shape in bound_rules(cfg, hf_vocab):
         meta = torch.empty(mcore_shapes[rule.mcore], device="meta")
         for name, t in zip(rule.hf, transforms.to_hf(rule.transform, meta, shape)):
             out[name] = tuple(t.shape)
     return out
 
 
-def _check_names(src: HFCheckpoint, cfg: TanukiConfig, expected: dict) -> None:
+def _check_names(src, cfg, expected: dict) -> None:
     names = set(src.names())
     ignored = [re.compile(p) for p in hf_map.IGNORED_HF]
-    unexpected = sorted(n for n in names - set(expected) if not any(p.fullmatch(n) for p in ignored))
-    if cfg.is_moe:
+    unexpected = sorted(n for n in names - set(expected)
+                        if not any(p.fullmatch(n) for p in ignored) and not _is_carried(cfg, n))
+    llm = _llm(cfg)
+    if llm.is_moe:
         found = {int(m.group(1)) for n in names
                  if (m := re.match(r"model\.layers\.\d+\.block_sparse_moe\.experts\.(\d+)\.", n))}
-        if found and len(found) != cfg.num_experts:
+        if found and len(found) != llm.num_experts:
             raise CheckpointError(
-                f"{src.path}/config.json says num_local_experts={cfg.num_experts}, but the weights hold "
+                f"{src.path}/config.json says num_local_experts={llm.num_experts}, but the weights hold "
                 f"{len(found)} experts (block_sparse_moe.experts.{min(found)}..{max(found)})")
     if unexpected:
         raise CheckpointError(
@@ -79,27 +105,29 @@ def _check_names(src: HFCheckpoint, cfg: TanukiConfig, expected: dict) -> None:
                 f"config.json implies {list(shp)}")
 
 
-def hf_to_mcore(hf_dir: str, out: str, overwrite: bool = False) -> ConvertStats:
-    return source_to_mcore(HFCheckpoint(hf_dir), out, overwrite)
+def hf_to_mcore(hf_dir: str, out: str, overwrite: bool = False, vision_dir: str | None = None) -> ConvertStats:
+    cfg, src = open_source(hf_dir, vision_dir)
+    return source_to_mcore(src, out, overwrite, cfg)
 
 
-def source_to_mcore(src, out: str, overwrite: bool = False) -> ConvertStats:
+def source_to_mcore(src, out: str, overwrite: bool = False, cfg=None) -> ConvertStats:
     """Any HF-like source (names/shape/dtype/nbytes/get/config/side_files/path) -> torch_dist."""
-    cfg = from_hf_config(src.config, os.path.join(src.path, "config.json"))
+    if cfg is None:
+        cfg = from_hf_config(src.config, os.path.join(src.path, "config.json"))
     hf_vocab = int(src.config["vocab_size"])
-    dtypes = {src.dtype(n) for n in src.names()}
+    carried = [n for n in src.names() if _is_carried(cfg, n)]
+    dtypes = {src.dtype(n) for n in src.names() if n not in carried}
     if len(dtypes) != 1 or next(iter(dtypes)) not in _DTYPE_NAMES:
         raise CheckpointError(f"{src.path}: tensors must share one float dtype, found {sorted(map(str, dtypes))}")
     dtype = dtypes.pop()
     _, _, mcore_shapes = mcore_io.model_layout(cfg, dtype)
     _check_names(src, cfg, expected_hf_shapes(cfg, hf_vocab, mcore_shapes))
 
-    shape = shape_info(cfg, hf_vocab)
-    by_mcore = {r.mcore: r for r in hf_map.rules(cfg.num_layers, cfg.num_experts)}
+    by_mcore = dict((r.mcore, (r, shape)) for r, shape in bound_rules(cfg, hf_vocab))
     stats = ConvertStats(0, 0)
 
     def fetch(name: str) -> torch.Tensor:
-        rule = by_mcore[name]
+        rule, shape = by_mcore[name]
         t = transforms.to_mcore(rule.transform, [src.get(n) for n in rule.hf], shape)
         stats.tensors += len(rule.hf)
         stats.bytes += sum(src.nbytes(n) for n in rule.hf)
@@ -107,6 +135,15 @@ def source_to_mcore(src, out: str, overwrite: bool = False) -> ConvertStats:
 
     with atomic_output_dir(out, overwrite) as tmp:
         mcore_io.write_checkpoint(tmp, cfg, dtype, fetch)
+        if carried:
+            os.makedirs(os.path.join(tmp, CARRIED_DIR))
+            writer = ShardedWriter(os.path.join(tmp, CARRIED_DIR), [(n, src.shape(n), src.dtype(n)) for n in carried],
+                                   max_shard_bytes=2**62)
+            for n in carried:
+                writer.add(n, src.get(n))
+                stats.tensors += 1
+                stats.bytes += src.nbytes(n)
+            writer.close()
         _write_meta(tmp, cfg, dtype, hf_vocab, source=src.path)
         side = os.path.join(tmp, HF_SIDE_DIR)
         os.makedirs(side)
@@ -117,35 +154,43 @@ def source_to_mcore(src, out: str, overwrite: bool = False) -> ConvertStats:
     return stats
 
 
-def _write_meta(folder: str, cfg: TanukiConfig, dtype: torch.dtype, hf_vocab: int, source: str = "") -> None:
+def _write_meta(folder: str, cfg, dtype: torch.dtype, hf_vocab: int, source: str = "") -> None:
     with open(os.path.join(folder, META_FILE), "w", encoding="utf-8") as f:
         json.dump({"format": "megatron_tanuki", "version": 1, "model": cfg.to_dict(),
                    "dtype": _DTYPE_NAMES[dtype], "hf_vocab_size": hf_vocab, "source": source}, f, indent=2)
 
 
-def read_meta(ckpt: str) -> tuple[TanukiConfig, torch.dtype, int]:
+def read_meta(ckpt: str):
+    """(TanukiConfig or TanukiVisionConfig, dtype, HF vocab size) of a converted checkpoint."""
     path = os.path.join(ckpt, META_FILE)
     if not os.path.isfile(path):
         raise CheckpointError(f"{ckpt}: no {META_FILE} (not written by megatron_tanuki)")
     with open(path, encoding="utf-8") as f:
         meta = json.load(f)
-    return TanukiConfig(**meta["model"]), _DTYPES[meta["dtype"]], int(meta["hf_vocab_size"])
+    model = meta["model"]
+    cfg = TanukiVisionConfig.from_dict(model) if model.get("kind") == "tanuki-vision" else TanukiConfig(**model)
+    return cfg, _DTYPES[meta["dtype"]], int(meta["hf_vocab_size"])
 
 
-def hf_config_for_export(ckpt: str, cfg: TanukiConfig, hf_vocab: int) -> dict:
+def hf_config_for_export(ckpt: str, cfg, hf_vocab: int) -> dict:
     path = os.path.join(ckpt, HF_SIDE_DIR, "config.json")
     if os.path.isfile(path):
         with open(path, encoding="utf-8") as f:
-            return json.load(f)
+            hf = json.load(f)
+        if isinstance(cfg, TanukiVisionConfig) and "vision_config" not in hf:
+            hf["vision_config"] = siglip_to_hf(cfg.vision)  # self-contained: no hub lookup to re-import
+        return hf
+    if isinstance(cfg, TanukiVisionConfig):
+        return to_llava_jp_config(cfg, hf_vocab)
     return to_hf_config(cfg, hf_vocab)
 
 
-def write_hf_side(folder: str, hf_config: dict, cfg: TanukiConfig, side_files=()) -> None:
-    """config.json (with our auto_map for the MoE), side files, and the MoE's remote code."""
+def write_hf_side(folder: str, hf_config: dict, cfg, side_files=()) -> None:
+    """config.json (with our auto_map for the MoE LLM), side files, and the MoE's remote code."""
     for path in side_files:
         if os.path.basename(path) != "config.json":
             shutil.copy2(path, os.path.join(folder, os.path.basename(path)))
-    if cfg.is_moe:
+    if isinstance(cfg, TanukiConfig) and cfg.is_moe:
         hf_config = {**hf_config, "auto_map": AUTO_MAP, "model_type": "tanuki",
                      "architectures": ["TanukiForCausalLM"]}
         for f in REMOTE_CODE_FILES:
@@ -158,18 +203,24 @@ def mcore_to_hf(ckpt: str, out: str, overwrite: bool = False, max_shard_bytes: i
     cfg, dtype, hf_vocab = read_meta(ckpt)
     reader = mcore_io.CheckpointReader(ckpt)
     _, pieces, mcore_shapes = mcore_io.model_layout(cfg, dtype)
-    shape = shape_info(cfg, hf_vocab)
+    carried = HFCheckpoint(os.path.join(ckpt, CARRIED_DIR), require_config=False) \
+        if os.path.isdir(os.path.join(ckpt, CARRIED_DIR)) else None
     stats = ConvertStats(0, 0)
     with atomic_output_dir(out, overwrite) as tmp:
-        hf_shapes = expected_hf_shapes(cfg, hf_vocab, mcore_shapes)
-        writer = ShardedWriter(tmp, [(n, s, dtype) for n, s in hf_shapes.items()], max_shard_bytes)
+        plan = [(n, s, dtype) for n, s in expected_hf_shapes(cfg, hf_vocab, mcore_shapes).items()]
+        plan += [(n, carried.shape(n), carried.dtype(n)) for n in carried.names()] if carried else []
+        writer = ShardedWriter(tmp, plan, max_shard_bytes)
         try:
-            for rule in hf_map.rules(cfg.num_layers, cfg.num_experts):
+            for rule, shape in bound_rules(cfg, hf_vocab):
                 t = reader.read_param(pieces[rule.mcore], mcore_shapes[rule.mcore], dtype)
                 for name, hf_t in zip(rule.hf, transforms.to_hf(rule.transform, t, shape)):
                     writer.add(name, hf_t)
                     stats.tensors += 1
                     stats.bytes += hf_t.numel() * hf_t.element_size()
+            for name in carried.names() if carried else ():
+                writer.add(name, carried.get(name))
+                stats.tensors += 1
+                stats.bytes += carried.nbytes(name)
             writer.close()
         except BaseException:
             writer.abort()

@@ -64,23 +64,27 @@ def read_header(path: str) -> dict:
     return header
 
 
+def _read_json(path: str) -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except ValueError as e:
+        raise CheckpointError(f"{path}: invalid JSON: {e}") from None
 
 
 class HFCheckpoint:
     """A HF model folder: config.json plus one or more safetensors shards."""
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, require_config: bool = True):
         self.path = os.path.abspath(path)
         if not os.path.isdir(self.path):
             raise CheckpointError(f"not a folder: {self.path}")
         cfg_path = os.path.join(self.path, "config.json")
-        if not os.path.isfile(cfg_path):
+        self.config = {}
+        if os.path.isfile(cfg_path):
+            self.config = _read_json(cfg_path)
+        elif require_config:
             raise CheckpointError(f"missing config.json in {self.path}")
-        try:
-            with open(cfg_path, encoding="utf-8") as f:
-                self.config = json.load(f)
-        except ValueError as e:
-            raise CheckpointError(f"{cfg_path}: invalid JSON: {e}") from None
         self.shard_of: dict[str, str] = {}
         index = os.path.join(self.path, INDEX)
         if os.path.isfile(index):

@@ -47,3 +47,18 @@ def preprocess(img: Image.Image, size: int = 768) -> torch.Tensor:
     x = np.asarray(resized, dtype=np.float32) * (1 / 255)
     x = (x - MEAN) / STD
     return torch.from_numpy(x).permute(2, 0, 1).contiguous()
+
+
+def sample_image(size: int = 768) -> Image.Image:
+    """A deterministic picture (gradient, red disc, blue square, green bar) for checks without data."""
+    from PIL import ImageDraw
+
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
+    base = np.stack([xx * 200 + 30, yy * 180 + 40, (1 - xx) * 120 + 60], axis=-1).astype(np.uint8)
+    img = Image.fromarray(base, "RGB")
+    d = ImageDraw.Draw(img)
+    s = size
+    d.ellipse([s * 0.08, s * 0.1, s * 0.42, s * 0.44], fill=(220, 30, 40))
+    d.rectangle([s * 0.55, s * 0.5, s * 0.9, s * 0.85], fill=(30, 60, 210))
+    d.rectangle([s * 0.1, s * 0.7, s * 0.45, s * 0.78], fill=(40, 180, 70))
+    return img

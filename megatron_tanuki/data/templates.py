@@ -36,7 +36,7 @@ class ConversationError(ValueError):
     pass
 
 
-def _tokenize_with_image(tok, text: str, bos: bool) -> list[int]:
+def tokenize_with_image(tok, text: str, bos: bool) -> list[int]:
     pieces = text.split(IMAGE_MARK)
     ids = tok.encode(pieces[0], bos=bos)
     for piece in pieces[1:]:
@@ -75,7 +75,7 @@ def tokenize(tok, template: Template, turns, sample: str = "sample"):
     """(ids, labels): labels are the ids where trained, IGNORE_INDEX elsewhere (and on the image)."""
     ids, labels = [], []
     for i, (text, trained) in enumerate(render(template, turns, sample)):
-        piece = _tokenize_with_image(tok, text, bos=(i == 0))
+        piece = tokenize_with_image(tok, text, bos=(i == 0))
         ids += piece
         labels += [t if trained and t != IMAGE_TOKEN_ID else IGNORE_INDEX for t in piece]
     return ids, labels

@@ -8,6 +8,7 @@ image in reading order; later stages only run the language model.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -39,6 +40,22 @@ class TanukiVisionConfig:
     @property
     def projector_input_size(self) -> int:
         return self.vision.hidden_size * len(self.s2_scales)
+
+    @property
+    def is_moe(self) -> bool:
+        return self.llm.is_moe
+
+    def replace(self, **changes) -> "TanukiVisionConfig":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        return {"kind": "tanuki-vision", **dataclasses.asdict(self)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TanukiVisionConfig":
+        d = {k: v for k, v in d.items() if k != "kind"}
+        return cls(name=d["name"], llm=TanukiConfig(**d["llm"]), vision=SiglipConfig(**d["vision"]),
+                   s2_scales=tuple(d["s2_scales"]), s2_grid=tuple(d["s2_grid"]))
 
 
 def projector_parameter_count(cfg: TanukiVisionConfig) -> int:

@@ -17,6 +17,12 @@ import torch.nn.functional as F
 GRID = (26, 28)  # how LLaVA-JP lays out SigLIP's 728 patch tokens
 
 
+def grid_for(num_tokens: int) -> tuple[int, int]:
+    """The most square (rows <= cols) factorization: 728 -> (26, 28), the seed team's choice."""
+    rows = max(r for r in range(1, int(num_tokens ** 0.5) + 1) if num_tokens % r == 0)
+    return rows, num_tokens // rows
+
+
 def split_tiles(x: torch.Tensor, n: int) -> torch.Tensor:
     """[b, c, H, W] -> [n*n*b, c, H/n, W/n], tile (i, j) at batch block i*n + j."""
     b, c, h, w = x.shape
