@@ -71,8 +71,18 @@ def render(template: Template, turns: list[tuple[str, str]], sample: str = "samp
     return segments
 
 
-def tokenize(tok, template: Template, turns, sample: str = "sample"):
-    """(ids, labels): labels are the ids where trained, IGNORE_INDEX elsewhere (and on the image)."""
+def tokenize(tok, template: Template, turns, sample: str = "sample", num_images: int | None = None):
+    """(ids, labels): labels are the ids where trained, IGNORE_INDEX elsewhere (and on the image).
+
+    ``num_images``: how many images the record has; the text's ``<image>`` markers must match it
+    (LLaVA-JP would silently merge two markers of one turn into one, or crash later on a missing
+    image feature).
+    """
+    if num_images is not None:
+        marks = sum(text.count(IMAGE_MARK) for _, text in turns)
+        if marks != num_images:
+            raise ConversationError(f"{sample}: {marks} {IMAGE_MARK} marker(s) in the text but "
+                                    f"{num_images} image(s)")
     ids, labels = [], []
     for i, (text, trained) in enumerate(render(template, turns, sample)):
         piece = tokenize_with_image(tok, text, bos=(i == 0))

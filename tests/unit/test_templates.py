@@ -41,3 +41,15 @@ def test_plain_is_image_then_caption_newline():
 def test_bad_conversations_are_named(turns, message):
     with pytest.raises(ConversationError, match=f"data.json:12: {message}"):
         tokenize(TOK, V1, turns, sample="data.json:12")
+
+
+@pytest.mark.parametrize("turns,images,message", [
+    ([("user", "<image>と<image>を比べて"), ("assistant", "同じです")], 1, "2 <image> marker"),
+    ([("user", "何色？"), ("assistant", "赤")], 1, "0 <image> marker"),
+    ([("user", "<image>何色？"), ("assistant", "赤")], 0, "1 <image> marker"),
+])
+def test_image_markers_must_match_the_images(turns, images, message):
+    with pytest.raises(ConversationError, match=f"llava.json:3: {message}\\(s\\) in the text but {images} image"):
+        tokenize(TOK, V1, turns, sample="llava.json:3", num_images=images)
+    ids, _ = tokenize(TOK, V1, [("user", "<image>何色？"), ("assistant", "赤")], num_images=1)
+    assert ids.count(IMAGE_TOKEN_ID) == 1
