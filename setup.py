@@ -19,6 +19,7 @@ setup(
         "numpy",
         "psutil",  # megatron-core dist_checkpointing writers need it
         "pillow",  # images for Tanuki-vision
+        "tensorboard",  # training scalars (torch.utils.tensorboard)
     ],
     extras_require={
         # GPU clusters: Transformer Engine brings fused kernels, grouped-GEMM experts and FP8.

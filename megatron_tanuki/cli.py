@@ -5,6 +5,7 @@
     tanuki convert hf-to-mcore --hf DIR --out DIR [--vision SIGLIP_DIR] [--overwrite]
     tanuki convert mcore-to-hf --ckpt DIR --out DIR [--overwrite]
     tanuki convert verify --hf DIR --ckpt DIR [--tp N --pp N --ep N] [--image FILE] [--vision DIR] [--json]
+    tanuki train CONFIG.yaml [key=value ...] [--nproc N]
     tanuki upcycle --dense DIR --experts 8 --noise 0.001 --seed 0 --out DIR [--to hf|mcore]
 """
 from __future__ import annotations
@@ -56,6 +57,41 @@ def cmd_verify(args) -> int:
                       tolerance=args.tolerance, image=args.image, vision_dir=args.vision)
     print(verify.to_json(r) if args.json else verify.format_result(r))
     return 0 if r["ok"] else 1
+
+
+def _train_rank(config: str, overrides: list) -> dict:
+    """One rank of `tanuki train`; data and config errors come back as a message, not a traceback."""
+    from megatron_tanuki.data.records import DataError, TooManyBadRecords
+    from megatron_tanuki.train.loop import main_from_env
+
+    try:
+        return main_from_env(config, overrides)
+    except (TooManyBadRecords, DataError, ValueError, FileNotFoundError, KeyError) as e:
+        return {"error": f"{type(e).__name__}: {e.args[0] if isinstance(e, KeyError) and e.args else e}"}
+
+
+def cmd_train(args) -> int:
+    import os
+
+    from megatron_tanuki.train.config import load
+    from megatron_tanuki.train.loop import summary_json
+
+    load(args.config, args.overrides)  # fail here, in one process, on a bad config
+    launched = "RANK" in os.environ or ("SLURM_PROCID" in os.environ and "SLURM_STEP_ID" in os.environ)
+    if launched or args.nproc == 1:
+        results = [_train_rank(args.config, args.overrides)]
+    else:
+        from megatron_tanuki.runtime.spawn import run_ranks
+
+        results = run_ranks(_train_rank, args.nproc, args.config, args.overrides)
+    errors = [r["error"] for r in results if r and "error" in r]
+    if errors:
+        print(f"tanuki train: error: {errors[0]}", file=sys.stderr)
+        return 2
+    if args.summary_json and results[0]:
+        with open(args.summary_json, "w", encoding="utf-8") as f:
+            f.write(summary_json(results[0]))
+    return 0
 
 
 def cmd_upcycle(args) -> int:
@@ -113,6 +149,14 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--overwrite", action="store_true")
     up.set_defaults(func=cmd_upcycle)
 
+    tr = sub.add_parser("train", help="pretrain / SFT / VLM stage 1-2 from a YAML config (examples/)")
+    tr.add_argument("config")
+    tr.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.lr=1e-4")
+    tr.add_argument("--nproc", type=int, default=1,
+                    help="start N local ranks (CPU/gloo or one node); not needed under torchrun or srun")
+    tr.add_argument("--summary-json", default=None, help="write the run summary (rank 0) here")
+    tr.set_defaults(func=cmd_train)
+
     d = sub.add_parser("demo", help="the main job on a small embedded default (CPU, 2 ranks)")
     d.add_argument("--steps", type=int, default=60)
     d.add_argument("--seed", type=int, default=0)
@@ -127,13 +171,21 @@ def _terminate(signum, frame):
 def main(argv=None) -> int:
     from megatron_tanuki.runtime.distributed import LayoutError
 
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command == "train":  # key=value overrides may come before or after options
+        bad = [e for e in extra if "=" not in e or e.startswith("-")]
+        if bad:
+            parser.error(f"unrecognized arguments: {' '.join(bad)}")
+        args.overrides = args.overrides + extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     # Slurm's time limit and scancel send SIGTERM: turn it into an exception so that unfinished
     # OUT.tmp-* folders are removed on the way out.
     signal.signal(signal.SIGTERM, _terminate)
     try:
         return args.func(args)
-    except (LayoutError, KeyError, ValueError, FileNotFoundError, FileExistsError) as e:
+    except (LayoutError, KeyError, ValueError, FileNotFoundError, FileExistsError, RuntimeError) as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"tanuki {args.command}: error: {msg}", file=sys.stderr)
         return 2

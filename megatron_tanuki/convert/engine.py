@@ -144,7 +144,7 @@ def source_to_mcore(src, out: str, overwrite: bool = False, cfg=None) -> Convert
                 stats.tensors += 1
                 stats.bytes += src.nbytes(n)
             writer.close()
-        _write_meta(tmp, cfg, dtype, hf_vocab, source=src.path)
+        write_meta(tmp, cfg, dtype, hf_vocab, source=src.path)
         side = os.path.join(tmp, HF_SIDE_DIR)
         os.makedirs(side)
         for f in src.side_files():
@@ -154,10 +154,14 @@ def source_to_mcore(src, out: str, overwrite: bool = False, cfg=None) -> Convert
     return stats
 
 
-def _write_meta(folder: str, cfg, dtype: torch.dtype, hf_vocab: int, source: str = "") -> None:
+def meta_json(cfg, dtype: torch.dtype, hf_vocab: int, source: str = "") -> str:
+    return json.dumps({"format": "megatron_tanuki", "version": 1, "model": cfg.to_dict(),
+                       "dtype": _DTYPE_NAMES[dtype], "hf_vocab_size": hf_vocab, "source": source}, indent=2)
+
+
+def write_meta(folder: str, cfg, dtype: torch.dtype, hf_vocab: int, source: str = "") -> None:
     with open(os.path.join(folder, META_FILE), "w", encoding="utf-8") as f:
-        json.dump({"format": "megatron_tanuki", "version": 1, "model": cfg.to_dict(),
-                   "dtype": _DTYPE_NAMES[dtype], "hf_vocab_size": hf_vocab, "source": source}, f, indent=2)
+        f.write(meta_json(cfg, dtype, hf_vocab, source))
 
 
 def read_meta(ckpt: str):

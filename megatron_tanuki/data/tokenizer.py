@@ -54,3 +54,40 @@ class TanukiTokenizer:
         """Text of ``ids``; padded-vocab ids (>= 65000) and, by default, <s> </s> <pad> dropped."""
         special = {self.bos_id, self.eos_id, self.pad_id} if skip_special else set()
         return self.sp.decode([int(i) for i in ids if int(i) < self.vocab_size and int(i) not in special])
+
+
+class HFTokenizer:
+    """A HF ``tokenizer.json`` folder behind the same small interface (encode/decode/special ids)."""
+
+    def __init__(self, folder: str):
+        from tokenizers import Tokenizer
+
+        path = os.path.join(folder, "tokenizer.json")
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"no tokenizer.json in {folder}")
+        self.model_file = path
+        self.tk = Tokenizer.from_file(path)
+        self.vocab_size = self.tk.get_vocab_size()
+        ids = {t: self.tk.token_to_id(t) for t in ("<s>", "</s>", "<pad>")}
+        missing = [t for t, i in ids.items() if i is None and t != "<pad>"]
+        if missing:
+            raise KeyError(f"{path} has no token {missing[0]!r}")
+        self.bos_id, self.eos_id = ids["<s>"], ids["</s>"]
+        self.pad_id = ids["<pad>"] if ids["<pad>"] is not None else self.eos_id
+
+    def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
+        ids = self.tk.encode(text, add_special_tokens=False).ids
+        return ([self.bos_id] if bos else []) + ids + ([self.eos_id] if eos else [])
+
+    def decode(self, ids, skip_special: bool = True) -> str:
+        special = {self.bos_id, self.eos_id, self.pad_id} if skip_special else set()
+        return self.tk.decode([int(i) for i in ids if int(i) not in special], skip_special_tokens=False)
+
+
+def load_tokenizer(path: str | None = None):
+    """None: the shipped Tanuki model; a ``.model`` file: SentencePiece; a folder: its tokenizer.json."""
+    if path is None:
+        return TanukiTokenizer()
+    if os.path.isdir(path):
+        return HFTokenizer(path)
+    return TanukiTokenizer(path)

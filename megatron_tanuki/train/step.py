@@ -29,6 +29,7 @@ class Batch:
     loss_mask: torch.Tensor
     position_ids: torch.Tensor
     attention_mask: torch.Tensor | None = None  # [b, 1, s, s] True = masked out
+    images: torch.Tensor | None = None  # [n, 3, H, W] normalized pixels, Tanuki-vision only
 
     @classmethod
     def causal_lm(cls, ids: torch.Tensor, pad_id: int | None = None) -> "Batch":
@@ -43,7 +44,7 @@ class Batch:
     def to(self, device) -> "Batch":
         move = (lambda t: None if t is None else t.to(device, non_blocking=True))
         return Batch(*(move(getattr(self, f)) for f in ("tokens", "labels", "loss_mask",
-                                                         "position_ids", "attention_mask")))
+                                                         "position_ids", "attention_mask", "images")))
 
 
 def configure_for_training(chunks: list, per_token_loss: bool = True) -> None:
@@ -75,7 +76,8 @@ def _forward_step(data_iterator, model):
     batch: Batch = next(data_iterator)
     if not cpu.is_active():
         batch = batch.to(torch.cuda.current_device())
-    output = model(batch.tokens, batch.position_ids, batch.attention_mask, labels=batch.labels)
+    extra = {"images": batch.images} if batch.images is not None else {}
+    output = model(batch.tokens, batch.position_ids, batch.attention_mask, labels=batch.labels, **extra)
 
     def loss_func(per_token_loss: torch.Tensor):
         mask = batch.loss_mask.to(per_token_loss.dtype)

@@ -1,0 +1,141 @@
+"""Record -> training sample: token ids, next-token targets (masked where not trained), images.
+
+Chat SFT uses Tanuki's Japanese Alpaca format; LLaVA records use LLaVA-JP's ``plain`` / ``v1``
+(data/templates.py). Each ``<image>`` is expanded to the model's image positions here, so a
+sample's length is known before any image is decoded (packing and pipeline shapes need it).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from megatron_tanuki.data import templates
+from megatron_tanuki.data.templates import IGNORE_INDEX, ConversationError
+
+ALPACA_PREAMBLE = "以下は、タスクを説明する指示です。要求を適切に満たす応答を書きなさい。"
+LLAVA_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
+
+
+class SampleError(ValueError):
+    """A record that cannot become a sample; ``kind`` is the counter it goes to."""
+
+    def __init__(self, kind: str, message: str):
+        super().__init__(message)
+        self.kind = kind
+
+
+@dataclass
+class Sample:
+    inputs: list[int]  # ids[:-1]
+    targets: list[int]  # ids[1:], IGNORE_INDEX where there is no loss
+    images: list[str]  # image paths, in reading order
+    where: str
+
+    def __len__(self) -> int:
+        return len(self.inputs)
+
+
+def _shifted(ids: list[int], labels: list[int], images, where) -> Sample:
+    return Sample(ids[:-1], labels[1:], images, where)
+
+
+def alpaca(tok, messages: list[tuple[str, str]], where: str):
+    """Tanuki's SFT format; ``</s>`` after every answer; loss on the answers and their ``</s>``."""
+    if not messages:
+        raise ConversationError(f"{where}: empty conversation")
+    preamble = ALPACA_PREAMBLE
+    if messages[0][0] == "system":
+        preamble, messages = messages[0][1], messages[1:]
+    if not messages:
+        raise ConversationError(f"{where}: conversation has only a system message")
+    for i, (role, _) in enumerate(messages):
+        want = "user" if i % 2 == 0 else "assistant"
+        if role not in ("user", "assistant"):
+            raise ConversationError(f"{where}: unknown role {role!r} in message {i}")
+        if role != want:
+            raise ConversationError(f"{where}: message {i} should be from {want}, got {role}")
+    if messages[-1][0] != "assistant":
+        raise ConversationError(f"{where}: the last message must be the assistant's answer")
+    ids, labels = [tok.bos_id], [IGNORE_INDEX]
+    prompt = preamble
+    for role, text in messages:
+        if role == "user":
+            prompt += f"\n\n### 指示:\n{text}\n\n### 応答:\n"
+            piece = tok.encode(prompt)
+            ids += piece
+            labels += [IGNORE_INDEX] * len(piece)
+            prompt = ""
+        else:
+            piece = tok.encode(text) + [tok.eos_id]
+            ids += piece
+            labels += piece
+    return ids, labels
+
+
+class SampleBuilder:
+    def __init__(self, fmt: str, template: str | None, tok, seq_length: int, image_folder: str | None = None,
+                 num_image_tokens: int = 0):
+        self.fmt, self.tok, self.seq_length = fmt, tok, seq_length
+        self.template = templates.TEMPLATES[template] if fmt == "llava" else None
+        self.image_folder, self.num_image_tokens = image_folder, num_image_tokens
+
+    def __call__(self, rec: dict, where: str) -> Sample:
+        if self.fmt == "text":
+            text = rec.get("text")
+            if not isinstance(text, str) or not text:
+                raise SampleError("empty text", f"{where}: no non-empty \"text\" field")
+            ids = self.tok.encode(text, bos=True, eos=True)
+            return _shifted(ids, ids, [], where)
+        if self.fmt == "chat":
+            msgs = rec.get("messages")
+            if not isinstance(msgs, list) or not msgs:
+                raise SampleError("empty conversation", f"{where}: empty conversation (no \"messages\")")
+            try:
+                turns = [(m["role"], m["content"]) for m in msgs]
+            except (KeyError, TypeError):
+                raise SampleError("bad message", f"{where}: each message needs \"role\" and \"content\"") from None
+            ids, labels = self._conversation(lambda: alpaca(self.tok, turns, where))
+            return self._checked(_shifted(ids, labels, [], where))
+        return self._llava(rec, where)
+
+    def _conversation(self, fn):
+        try:
+            return fn()
+        except ConversationError as e:
+            msg = str(e)
+            kind = ("unknown role" if "unknown role" in msg else "empty conversation" if "empty" in msg
+                    else "bad conversation")
+            raise SampleError(kind, msg) from None
+
+    def _llava(self, rec: dict, where: str) -> Sample:
+        from megatron_tanuki.models.tanuki_vision.model import expand_image_tokens
+
+        convs = rec.get("conversations")
+        if not isinstance(convs, list) or not convs:
+            raise SampleError("empty conversation", f"{where}: empty conversation (no \"conversations\")")
+        turns = []
+        for i, c in enumerate(convs):
+            role = c.get("from") if isinstance(c, dict) else None
+            if role not in LLAVA_ROLES:
+                raise SampleError("unknown role", f"{where}: unknown role {role!r} in turn {i}")
+            turns.append((LLAVA_ROLES[role], str(c.get("value", ""))))
+        images = []
+        if rec.get("image"):
+            names = rec["image"] if isinstance(rec["image"], list) else [rec["image"]]
+            for name in names:
+                path = os.path.join(self.image_folder or "", name)
+                if not os.path.isfile(path):
+                    raise SampleError("missing image", f"{where}: image file not found: {path}")
+                images.append(path)
+        ids, labels = self._conversation(
+            lambda: templates.tokenize(self.tok, self.template, turns, where, num_images=len(images)))
+        ids, labels = expand_image_tokens(ids, labels, self.num_image_tokens)
+        return self._checked(_shifted(ids, labels, images, where))
+
+    def _checked(self, s: Sample) -> Sample:
+        if len(s) > self.seq_length:
+            raise SampleError("over-long sample", f"{s.where}: {len(s) + 1} tokens (image positions included), "
+                                                  f"more than data.seq_length={self.seq_length} + 1")
+        if all(t == IGNORE_INDEX for t in s.targets):
+            raise SampleError("nothing to learn", f"{s.where}: no trained tokens")
+        return s
