@@ -1,7 +1,7 @@
 """`tanuki`: one command line for the project. Parses and dispatches, nothing else.
 
     tanuki model-info PRESET [--json]
-    tanuki demo [--steps N]
+    tanuki demo [--workdir runs/demo] [--quick] [--llm]
     tanuki convert hf-to-mcore --hf DIR --out DIR [--vision SIGLIP_DIR] [--overwrite]
     tanuki convert mcore-to-hf --ckpt DIR --out DIR [--overwrite]
     tanuki convert verify --hf DIR --ckpt DIR [--tp N --pp N --ep N] [--image FILE] [--vision DIR] [--json]
@@ -28,10 +28,15 @@ def cmd_model_info(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from megatron_tanuki import demo
+    if args.llm:
+        from megatron_tanuki.demo import llm
 
-    r = demo.main(steps=args.steps, seed=args.seed)
-    return 0 if r["after"] < r["before"] else 1
+        r = llm.main(steps=args.steps, seed=args.seed)
+        return 0 if r["after"] < r["before"] else 1
+    from megatron_tanuki.demo import vlm
+
+    r = vlm.main(workdir=args.workdir, seed=args.seed, quick=args.quick)
+    return 0 if r["ok"] else 1
 
 
 def cmd_convert(args) -> int:
@@ -158,8 +163,11 @@ def build_parser() -> argparse.ArgumentParser:
     tr.set_defaults(func=cmd_train)
 
     d = sub.add_parser("demo", help="the main job on a small embedded default (CPU, 2 ranks)")
-    d.add_argument("--steps", type=int, default=60)
+    d.add_argument("--workdir", default="runs/demo", help="data, checkpoints and the export go here")
     d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--quick", action="store_true", help="a few steps per stage (a smoke run, not a result)")
+    d.add_argument("--llm", action="store_true", help="the earlier text-only MoE demo instead")
+    d.add_argument("--steps", type=int, default=60, help="--llm: training steps")
     d.set_defaults(func=cmd_demo)
     return p
 

@@ -4,7 +4,7 @@ What it exercises is the real stack: the Tanuki tokenizer, the Tanuki router, me
 alltoall expert dispatch across two processes, its DDP, schedule and Adam optimizer. The text is
 templated Japanese built from the seed team's persona and topic lists (shipped in the package),
 so the held-out loss can fall within a few dozen steps on two cores.
-(The training issue replaces this with the Tanuki-vision demo.)
+(`tanuki demo --llm`; the main demo is now demo/vlm.py.)
 """
 from __future__ import annotations
 

@@ -104,14 +104,19 @@ def generate(root: str, n_train: int = 3000, n_heldout: int = 90, size: int = 11
     return paths
 
 
+def _first(options, text):
+    """The option named first in ``text`` (the longer one on ties: 左上 before 左)."""
+    hits = [(text.find(o), -len(o), o) for o in options if o in text]
+    return min(hits)[2] if hits else None
+
+
+def parse(text: str) -> dict:
+    """The colour, shape and position a caption names (None where it names none)."""
+    return {"color": _first(list(COLORS), text), "shape": _first(SHAPES, text),
+            "position": _first(POSITIONS, text)}
+
+
 def score(generated: str, truth: dict) -> dict:
     """Whether the generated text names the true colour, shape and position (first one named counts)."""
-
-    def first(options, text):
-        hits = [(text.find(o), -len(o), o) for o in options if o in text]
-        return min(hits)[2] if hits else None
-
-    pos_found = first(POSITIONS, generated)
-    return {"color": first(list(COLORS), generated) == truth["color"],
-            "shape": first(SHAPES, generated) == truth["shape"],
-            "position": pos_found == truth["position"]}
+    found = parse(generated)
+    return {k: found[k] == truth[k] for k in ("color", "shape", "position")}

@@ -128,7 +128,10 @@ def _moe_balance_loss(num_layers: int, num_micro: int) -> float | None:
     tracker = get_moe_metrics_tracker()
     entry = tracker.metrics.get("load_balancing_loss")
     local = float(entry.values.sum().item()) if entry is not None else 0.0
+    group = entry.reduce_group if entry is not None else None  # TP x CP with sequence parallelism
     tracker.clear()
+    if group is not None:
+        local = _all_reduce(torch.tensor([local], dtype=torch.float64), group).item()
     t = _all_reduce(torch.tensor([local], dtype=torch.float64), parallel_state.get_pipeline_model_parallel_group())
     t = _all_reduce(t, parallel_state.get_data_parallel_group()) / parallel_state.get_data_parallel_world_size()
     return t.item() / (num_layers * num_micro)

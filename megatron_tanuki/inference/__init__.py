@@ -1,0 +1,1 @@
+"""Inference on megatron-core models (the server and batched generation grow here)."""

@@ -1,0 +1,83 @@
+"""Batched greedy decoding with megatron-core's forward-only schedule, under any TP/PP/EP layout.
+
+Every step runs the whole sequence again (no KV cache yet: the demo's sequences are ~80 tokens);
+the last pipeline stage picks the next tokens and every rank receives them, so all ranks advance
+together. Prompts of different lengths are decoded in groups of equal length.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+
+def _last_logits(chunks, ids: torch.Tensor, images: torch.Tensor | None) -> torch.Tensor | None:
+    from megatron.core import parallel_state
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+    from megatron.core.tensor_parallel.mappings import gather_from_tensor_model_parallel_region
+
+    pos = torch.arange(ids.shape[1]).expand_as(ids)
+    dev = torch.cuda.current_device() if dist.get_backend() == "nccl" else "cpu"
+    ids_d, pos_d = ids.to(dev), pos.to(dev)
+    imgs = images.to(dev) if images is not None else None
+
+    def step(data_iterator, model):
+        next(data_iterator)
+        out = model(ids_d, pos_d, None, images=imgs) if imgs is not None else model(ids_d, pos_d, None)
+        return out, lambda t, non_loss_data=False: gather_from_tensor_model_parallel_region(t)[:, -1].float().cpu()
+
+    its = [iter([None]) for _ in chunks]
+    with torch.no_grad():
+        store = get_forward_backward_func()(
+            forward_step_func=step, data_iterator=its if len(chunks) > 1 else its[0],
+            model=chunks if len(chunks) > 1 else chunks[0], num_microbatches=1, seq_length=ids.shape[1],
+            micro_batch_size=ids.shape[0], forward_only=True, collect_non_loss_data=True)
+    return store[0] if parallel_state.is_pipeline_last_stage(ignore_virtual=True) and store else None
+
+
+def _source_rank() -> int:
+    """Global rank of the first last-stage, TP-rank-0 process (it holds the full logits)."""
+    from megatron.core import parallel_state
+
+    mine = parallel_state.is_pipeline_last_stage(ignore_virtual=True) and \
+        parallel_state.get_tensor_model_parallel_rank() == 0
+    flags = [None] * dist.get_world_size()
+    dist.all_gather_object(flags, mine)
+    return flags.index(True)
+
+
+def greedy(chunks, prompts: list[list[int]], images: torch.Tensor | None, max_new_tokens: int, eos_id: int,
+           vocab_size: int, images_per_prompt: int = 1, batch_size: int = 32) -> list[list[int]]:
+    """``prompts``: token ids with image positions already expanded. Returns the new tokens of each."""
+    for c in chunks:
+        c.eval()
+    src = _source_rank()
+    out: list[list[int]] = [[] for _ in prompts]
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    groups, cur = [], []
+    for i in order:
+        if cur and (len(prompts[i]) != len(prompts[cur[0]]) or len(cur) == batch_size):
+            groups.append(cur)
+            cur = []
+        cur.append(i)
+    if cur:
+        groups.append(cur)
+    for group in groups:
+        ids = torch.tensor([prompts[i] for i in group])
+        imgs = None
+        if images is not None:
+            imgs = torch.cat([images[i * images_per_prompt:(i + 1) * images_per_prompt] for i in group])
+        done = torch.zeros(len(group), dtype=torch.bool)
+        for _ in range(max_new_tokens):
+            logits = _last_logits(chunks, ids, imgs)
+            nxt = [logits[:, :vocab_size].argmax(-1) if logits is not None else None]
+            dist.broadcast_object_list(nxt, src=src)
+            tok = nxt[0]
+            tok = torch.where(done, torch.full_like(tok, eos_id), tok)
+            for k, i in enumerate(group):
+                if not done[k]:
+                    out[i].append(int(tok[k]))
+            done |= tok == eos_id
+            ids = torch.cat([ids, tok.unsqueeze(1)], dim=1)
+            if bool(done.all()):
+                break
+    return out
