@@ -35,6 +35,14 @@ def cmd_demo(args) -> int:
         return 0 if r["after"] < r["before"] else 1
     from megatron_tanuki.demo import vlm
 
+    if args.data_only:
+        import os
+
+        from megatron_tanuki.demo import shapes
+
+        paths = shapes.generate(os.path.join(args.workdir, "data"))
+        print(f"tanuki demo: data in {os.path.dirname(paths['stage1'])}")
+        return 0
     r = vlm.main(workdir=args.workdir, seed=args.seed, quick=args.quick)
     return 0 if r["ok"] else 1
 
@@ -166,6 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--workdir", default="runs/demo", help="data, checkpoints and the export go here")
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--quick", action="store_true", help="a few steps per stage (a smoke run, not a result)")
+    d.add_argument("--data-only", action="store_true", help="only write the generated dataset")
     d.add_argument("--llm", action="store_true", help="the earlier text-only MoE demo instead")
     d.add_argument("--steps", type=int, default=60, help="--llm: training steps")
     d.set_defaults(func=cmd_demo)

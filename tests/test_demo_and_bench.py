@@ -16,7 +16,7 @@ CPU_ONLY = pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="C
 
 @CPU_ONLY
 def test_demo_loss_falls_over_two_ep_ranks():
-    r = subprocess.run([TANUKI, "demo", "--steps", "12"], capture_output=True, text=True, timeout=600)
+    r = subprocess.run([TANUKI, "demo", "--llm", "--steps", "12"], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout + r.stderr
     out = r.stdout
     assert "EP=2" in out and "on 2 CPU ranks" in out

@@ -51,6 +51,7 @@ class RowStream:
         self.seed, self.pretrain, self.pack, self.bad = seed, pretrain, pack, bad
         self.epoch, self.cursor, self.carry = 0, 0, []
         self._order_epoch, self._order = None, []
+        self.known_bad: set[int] = set()  # reported once, then passed over quietly in later epochs
 
     # -- position -------------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -74,16 +75,19 @@ class RowStream:
             if self.cursor >= len(self.index):
                 self.epoch, self.cursor = self.epoch + 1, 0
             i = self._order_for(self.epoch)[self.cursor]
+            if i in self.known_bad:
+                self.cursor += 1
+                continue
             where = self.index.where(i)
             try:
                 s = self.build(self.index.read(i), where)
-            except SampleError as e:
+            except (SampleError, ValueError) as e:
                 self.cursor += 1
-                self.bad.skip(where, e.kind, str(e))
-                continue
-            except ValueError as e:
-                self.cursor += 1
-                self.bad.skip(where, "unreadable record", f"{where}: {e}")
+                self.known_bad.add(i)
+                if isinstance(e, SampleError):
+                    self.bad.skip(where, e.kind, str(e))
+                else:
+                    self.bad.skip(where, "unreadable record", f"{where}: {e}")
                 continue
             if advance:
                 self.cursor += 1

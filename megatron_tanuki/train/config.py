@@ -219,7 +219,10 @@ def load(path: str | None, overrides=()) -> RunConfig:
             except yaml.YAMLError as e:
                 raise ConfigError(f"{path}: invalid YAML: {e}") from None
     for o in overrides:
-        apply_override(tree, o)
+        try:
+            apply_override(tree, o)
+        except ConfigError as e:
+            raise ConfigError(f"{source}: {e}") from None
     if overrides:
         source += " + overrides"
     return _build(RunConfig, tree, source, "").validate(source)

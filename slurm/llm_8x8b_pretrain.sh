@@ -1,0 +1,28 @@
+#!/bin/bash
+# Tanuki-8x8B (continued) pretraining on packed token streams, 2 nodes x 8 H100 by default.
+#   sbatch slurm/llm_8x8b_pretrain.sh [key=value ...]
+#   DRY_RUN=1 bash slurm/llm_8x8b_pretrain.sh     LOCAL=1 bash slurm/llm_8x8b_pretrain.sh (tiny, CPU)
+#SBATCH --job-name=tanuki-8x8b-pretrain
+#SBATCH --nodes=2
+#SBATCH --ntasks-per-node=8
+#SBATCH --gpus-per-node=8
+#SBATCH --cpus-per-task=12
+#SBATCH --exclusive
+#SBATCH --time=48:00:00
+#SBATCH --requeue
+#SBATCH --signal=USR1@300
+#SBATCH --output=logs/%x-%j.out
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh" 2>/dev/null || source "${SLURM_SUBMIT_DIR:-.}/slurm/common.sh"
+
+CONFIG=examples/tanuki_8x8b_pretrain.yaml
+if [[ "${LOCAL:-0}" == 1 ]]; then
+  RUN=${RUN:-runs/pretrain_local}
+  run "$PYTHON" -m megatron_tanuki.cli demo --data-only --workdir "$RUN"
+  train pretrain "$CONFIG" model.preset=tanuki-8x8b-tiny model.dtype=fp32 model.init_checkpoint=null \
+    model.recompute_granularity=null "data.train=[$RUN/data/text.jsonl]" data.seq_length=128 \
+    parallel.pp=1 parallel.ep=2 train.global_batch_size=4 train.micro_batch_size=2 train.train_steps=${STEPS:-3} \
+    "checkpoint.dir=$RUN/ckpt" log.tensorboard_dir=null log.interval=1 "$@"
+else
+  train pretrain "$CONFIG" "$@"
+  finished "$(sed -n 's/^  dir: //p' "$CONFIG" | head -1)" 20000 || scontrol requeue "$SLURM_JOB_ID"
+fi
