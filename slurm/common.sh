@@ -18,6 +18,9 @@ export CUDA_DEVICE_MAX_CONNECTIONS=1   # TP/SP comm kernels must be scheduled be
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-8}
 export NCCL_ASYNC_ERROR_HANDLING=1 TORCH_NCCL_ASYNC_ERROR_HANDLING=1
 export PYTHONUNBUFFERED=1
+if [[ "${DRY_RUN:-0}" == 1 ]]; then
+  echo "export CUDA_DEVICE_MAX_CONNECTIONS=$CUDA_DEVICE_MAX_CONNECTIONS OMP_NUM_THREADS=$OMP_NUM_THREADS"
+fi
 
 run() {  # run CMD... (or print it under DRY_RUN=1)
   if [[ "${DRY_RUN:-0}" == 1 ]]; then printf '%q ' "$@"; echo; else "$@"; fi
@@ -36,6 +39,12 @@ train() {  # train NAME CONFIG [key=value ...]
   fi
 }
 
-finished() {  # finished RUN_DIR STEPS: true when RUN_DIR/latest is at STEPS
-  [[ -f "$1/latest" ]] && [[ "$(cat "$1/latest")" == "$(printf 'iter_%07d' "$2")" ]]
+finished() {  # finished RUN_DIR: true when `tanuki train` completed all its steps there
+  [[ -f "$1/finished" ]]
+}
+
+requeue_unless_finished() {  # after a time-limit stop (SIGUSR1 -> checkpoint), go back in the queue
+  if [[ "${DRY_RUN:-0}" != 1 && "${LOCAL:-0}" != 1 ]] && ! finished "$1"; then
+    scontrol requeue "$SLURM_JOB_ID"
+  fi
 }

@@ -23,6 +23,7 @@ if [[ "${LOCAL:-0}" == 1 ]]; then
     parallel.pp=1 parallel.ep=2 train.global_batch_size=4 train.micro_batch_size=2 train.train_steps=${STEPS:-3} \
     "checkpoint.dir=$RUN/ckpt" log.tensorboard_dir=null log.interval=1 "$@"
 else
-  train pretrain "$CONFIG" "$@"
-  finished "$(sed -n 's/^  dir: //p' "$CONFIG" | head -1)" 20000 || scontrol requeue "$SLURM_JOB_ID"
+  RUN=${RUN:-runs/tanuki_8x8b_pretrain}
+  train pretrain "$CONFIG" "checkpoint.dir=$RUN" "$@"
+  requeue_unless_finished "$RUN"
 fi

@@ -34,5 +34,7 @@ PY
     model.recompute_granularity=null train.global_batch_size=4 train.micro_batch_size=2 train.train_steps=${STEPS:-3} \
     "checkpoint.dir=$RUN/ckpt" log.tensorboard_dir=null log.interval=1 "$@"
 else
-  train sft "$CONFIG" "$@"
+  RUN=${RUN:-runs/$(basename "$CONFIG" .yaml)}
+  train sft "$CONFIG" "checkpoint.dir=$RUN" "$@"
+  requeue_unless_finished "$RUN"
 fi

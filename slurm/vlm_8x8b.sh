@@ -29,29 +29,22 @@ source "$(dirname "${BASH_SOURCE[0]}")/common.sh" 2>/dev/null || source "${SLURM
 RUN=${RUN:-runs/vlm_8x8b}
 if [[ "${LOCAL:-0}" == 1 ]]; then
   # The tiny Tanuki-vision on generated data (the `make demo` configs), a few steps per stage.
-  DATA=${DATA:-$RUN/data}
+  DATA=$RUN/data
   run "$PYTHON" -m megatron_tanuki.cli demo --data-only --workdir "$RUN"
-  STEPS1=${STEPS1:-3} STEPS2=${STEPS2:-3}
   S1=(examples/tiny_vlm_stage1.yaml model.init_checkpoint=null "data.train=[$DATA/stage1.json]"
-      "data.image_folder=$DATA/images" train.train_steps=$STEPS1)
+      "data.image_folder=$DATA/images" train.train_steps=${STEPS:-3})
   S2=(examples/tiny_vlm_stage2.yaml "data.train=[$DATA/stage2.json]" "data.image_folder=$DATA/images"
-      train.train_steps=$STEPS2 log.tensorboard_dir=$RUN/tensorboard)
+      train.train_steps=${STEPS:-3} "log.tensorboard_dir=$RUN/tensorboard")
 else
   INIT=${INIT:-ckpt/tanuki-vision-8x8b}   # tanuki convert hf-to-mcore output (slurm/convert.sh)
-  STEPS1=${STEPS1:-2200} STEPS2=${STEPS2:-5000}
-  S1=(examples/tanuki_8x8b_vlm_stage1.yaml "model.init_checkpoint=$INIT" train.train_steps=$STEPS1
-      parallel.tp=1 parallel.pp=1 parallel.ep=8)
-  S2=(examples/tanuki_8x8b_vlm_stage2.yaml train.train_steps=$STEPS2
-      parallel.tp=1 parallel.pp=2 parallel.ep=8 parallel.sp=false)
+  S1=(examples/tanuki_8x8b_vlm_stage1.yaml "model.init_checkpoint=$INIT" parallel.tp=1 parallel.pp=1 parallel.ep=8)
+  S2=(examples/tanuki_8x8b_vlm_stage2.yaml parallel.tp=1 parallel.pp=2 parallel.ep=8 parallel.sp=false)
 fi
 
-if finished "$RUN/stage1" "$STEPS1"; then echo "stage 1 already finished: $RUN/stage1"; else
+if finished "$RUN/stage1"; then echo "stage 1 already finished: $RUN/stage1"; else
   train stage1 "${S1[@]}" "checkpoint.dir=$RUN/stage1" "$@"
 fi
-if finished "$RUN/stage1" "$STEPS1" || [[ "${DRY_RUN:-0}" == 1 ]]; then
+if finished "$RUN/stage1" || [[ "${DRY_RUN:-0}" == 1 ]]; then
   train stage2 "${S2[@]}" "model.init_checkpoint=$RUN/stage1" "checkpoint.dir=$RUN/stage2" "$@"
 fi
-if [[ "${DRY_RUN:-0}" != 1 && "${LOCAL:-0}" != 1 ]] && ! finished "$RUN/stage2" "$STEPS2"; then
-  # Stopped by the time-limit signal: go back in the queue, we resume from `latest`.
-  scontrol requeue "$SLURM_JOB_ID"
-fi
+requeue_unless_finished "$RUN/stage2"

@@ -26,7 +26,7 @@ QUESTIONS = (
     ("どんな形ですか？", "{s}です。"),
     ("図形はどこにありますか？", "{p}にあります。"),
 )
-VERSION = 2
+VERSION = 3
 
 
 def caption(color: str, shape: str, pos: str) -> str:
@@ -44,9 +44,9 @@ def draw(color: str, shape: str, pos: str, size: int, rng: random.Random) -> Ima
     d = ImageDraw.Draw(img)
     row, col = divmod(POSITIONS.index(pos), 3)
     cell = size / 3
-    r = cell * rng.uniform(0.30, 0.42)
-    cx = (col + 0.5) * cell + rng.uniform(-0.08, 0.08) * cell
-    cy = (row + 0.5) * cell + rng.uniform(-0.08, 0.08) * cell
+    r = cell * rng.uniform(0.36, 0.46)
+    cx = (col + 0.5) * cell + rng.uniform(-0.05, 0.05) * cell
+    cy = (row + 0.5) * cell + rng.uniform(-0.05, 0.05) * cell
     fill = COLORS[color]
     if shape == "円":
         d.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)

@@ -56,7 +56,8 @@ def pretrain_and_assemble(preset: str, llm_ckpt: str, stage1_json: str, image_fo
     tower.train()
     sizes = (len(shapes.COLORS), len(shapes.SHAPES), len(shapes.POSITIONS))
     head = torch.nn.Linear(cfg.num_image_tokens * cfg.projector_input_size, sum(sizes))
-    opt = torch.optim.AdamW(list(tower.parameters()) + list(head.parameters()), lr=2e-3, weight_decay=0.01)
+    opt = torch.optim.AdamW(list(tower.parameters()) + list(head.parameters()), lr=4e-3, weight_decay=0.01)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=4e-3, total_steps=steps, pct_start=0.1)
     g = torch.Generator().manual_seed(seed)
 
     def logits(x):
@@ -70,6 +71,7 @@ def pretrain_and_assemble(preset: str, llm_ckpt: str, stage1_json: str, image_fo
         opt.zero_grad()
         loss.backward()
         opt.step()
+        sched.step()
     tower.eval()
     with torch.no_grad():
         out_ = logits(pixels[:n_val])

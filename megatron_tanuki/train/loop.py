@@ -265,6 +265,9 @@ def train(cfg: RunConfig) -> dict:
             say(f"[train] stopping at step {step} ({'signal' if stop.item() else 'train.exit_after_steps'})")
             break
     elapsed = time.perf_counter() - t0
+    if root and rank0 and step >= total_steps:
+        with open(os.path.join(root, "finished"), "w") as f:  # read by slurm/*.sh (requeue or not)
+            f.write(f"{step}\n")
     if tb:
         tb.close()
     summary = {"steps": step, "ran": ran, "seconds": round(elapsed, 1), "final_loss": last_loss,
