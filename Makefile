@@ -2,7 +2,7 @@
 VENV ?= .venv
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test venv clean bench
+.PHONY: demo test test-slow venv clean bench
 venv: $(STAMP)
 
 $(STAMP): setup.py tools/constraints.txt tools/bootstrap.sh
@@ -12,7 +12,10 @@ demo: $(STAMP)
 	$(VENV)/bin/tanuki demo
 
 test: $(STAMP)
-	$(VENV)/bin/python -m pytest -q tests
+	$(VENV)/bin/python -m pytest -q -m "not slow" tests
+
+test-slow: $(STAMP)  # longer runs (the full demo with its accuracy check)
+	$(VENV)/bin/python -m pytest -q -m slow tests
 
 bench: $(STAMP)
 	$(VENV)/bin/python tools/bench_train_step.py

@@ -47,3 +47,35 @@ def test_model_flops_match_the_h100_probe_accounting():
 
     # ../shared/probes/h100_baseline.result.json: model_flops_per_step_T = 20.21
     assert round(model_flops_per_step(TANUKI_8X8B, layers=2, seq=4096, batch=1) / 1e12, 2) == 20.21
+
+
+def _demo(*args, timeout=1800):
+    r = subprocess.run([TANUKI, "demo", *args], capture_output=True, text=True, timeout=timeout)
+    return r, {k: (float(b) / 100, float(a) / 100) for k, b, a in re.findall(
+        r"\[demo\] (\w+)\s+accuracy: before\s+([\d.]+)%\s+after\s+([\d.]+)%", r.stdout)}
+
+
+@CPU_ONLY
+def test_vlm_demo_runs_every_stage_and_exports_llava_jp(tmp_path):
+    """`tanuki demo --quick`: the whole pipeline with a few steps per stage (not a result)."""
+    r, acc = _demo("--quick", "--workdir", str(tmp_path), timeout=900)
+    assert r.returncode in (0, 1), r.stdout[-3000:] + r.stderr[-3000:]  # 1: below 3x chance, expected here
+    out = r.stdout
+    for mode in ("(pretrain)", "(vlm_stage1)", "(vlm_stage2)"):
+        assert mode in out and "EP=2" in out
+    assert "tower probe accuracy" in out and "before 「" in out and "after  「" in out
+    assert set(acc) == {"color", "shape", "position"}
+    cfg = json.load(open(tmp_path / "hf" / "config.json"))
+    assert cfg["model_type"] == "llava-jp" and cfg["mm_projector_type"] == "mlp2x_gelu"
+    assert os.path.isfile(tmp_path / "stage2" / "finished")
+
+
+@CPU_ONLY
+@pytest.mark.slow
+def test_vlm_demo_describes_held_out_images_at_3x_chance(tmp_path):
+    """`make demo` itself (about 10 minutes on 2 cores)."""
+    r, acc = _demo("--workdir", str(tmp_path))
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    chance = {"color": 1 / 6, "shape": 1 / 5, "position": 1 / 9}
+    for k, (before, after) in acc.items():
+        assert after >= 3 * chance[k], (k, acc)

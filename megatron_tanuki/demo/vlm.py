@@ -85,6 +85,8 @@ def main(workdir: str = "runs/demo", seed: int = 0, n_train: int = 3000, n_heldo
     say = lambda *a: print(*a, flush=True)  # noqa: E731
     t0 = time.perf_counter()
     ex = examples_dir()
+    if quick:
+        n_train, n_heldout = 200, 12
     data = shapes.generate(os.path.join(workdir, "data"), n_train, n_heldout, seed=seed, log=say)
     for stage in ("stage0", "init", "stage1", "stage2", "hf", "tensorboard"):
         shutil.rmtree(os.path.join(workdir, stage), ignore_errors=True)

@@ -19,7 +19,6 @@ import os
 import re
 import shutil
 
-import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing
 

@@ -142,7 +142,7 @@ def train(cfg: RunConfig) -> dict:
     from megatron.core import parallel_state
 
     from megatron_tanuki.convert.engine import META_FILE, meta_json
-    from megatron_tanuki.data.batches import collate
+    from megatron_tanuki.train.batches import collate
     from megatron_tanuki.runtime.distributed import ParallelLayout, init_distributed
     from megatron_tanuki.train import checkpoint as ckpt
     from megatron_tanuki.train.step import forward_backward, wrap_ddp

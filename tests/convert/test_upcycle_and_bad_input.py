@@ -7,7 +7,6 @@ import sys
 
 import pytest
 import torch
-from safetensors import safe_open
 
 from tests.convert import tiny_hf
 from tests.convert.test_convert import tanuki, tensors

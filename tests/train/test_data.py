@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-from megatron_tanuki.data.batches import collate
+from megatron_tanuki.train.batches import collate
 from megatron_tanuki.data.records import BadRecords, RecordIndex, TooManyBadRecords
 from megatron_tanuki.data.samples import ALPACA_PREAMBLE, SampleBuilder
 from megatron_tanuki.data.stream import RowStream
