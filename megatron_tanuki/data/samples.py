@@ -48,12 +48,7 @@ def alpaca(tok, messages: list[tuple[str, str]], where: str):
         preamble, messages = messages[0][1], messages[1:]
     if not messages:
         raise ConversationError(f"{where}: conversation has only a system message")
-    for i, (role, _) in enumerate(messages):
-        want = "user" if i % 2 == 0 else "assistant"
-        if role not in ("user", "assistant"):
-            raise ConversationError(f"{where}: unknown role {role!r} in message {i}")
-        if role != want:
-            raise ConversationError(f"{where}: message {i} should be from {want}, got {role}")
+    templates.check_turns(messages, where, unit="message")
     if messages[-1][0] != "assistant":
         raise ConversationError(f"{where}: the last message must be the assistant's answer")
     ids, labels = [tok.bos_id], [IGNORE_INDEX]

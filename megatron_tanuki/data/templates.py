@@ -45,16 +45,21 @@ def tokenize_with_image(tok, text: str, bos: bool) -> list[int]:
     return ids
 
 
-def render(template: Template, turns: list[tuple[str, str]], sample: str = "sample"):
-    """``turns``: [(role, text)] with roles 'user'/'assistant'. Returns [(text, trained)] segments."""
+def check_turns(turns: list[tuple[str, str]], sample: str, unit: str = "turn") -> None:
+    """Roles alternate user, assistant, user, ...; anything else is named (sample, index, role)."""
     if not turns:
         raise ConversationError(f"{sample}: empty conversation")
     for i, (role, _) in enumerate(turns):
         want = "user" if i % 2 == 0 else "assistant"
         if role not in ("user", "assistant"):
-            raise ConversationError(f"{sample}: unknown role {role!r} in turn {i}")
+            raise ConversationError(f"{sample}: unknown role {role!r} in {unit} {i}")
         if role != want:
-            raise ConversationError(f"{sample}: turn {i} should be from {want}, got {role}")
+            raise ConversationError(f"{sample}: {unit} {i} should be from {want}, got {role}")
+
+
+def render(template: Template, turns: list[tuple[str, str]], sample: str = "sample"):
+    """``turns``: [(role, text)] with roles 'user'/'assistant'. Returns [(text, trained)] segments."""
+    check_turns(turns, sample)
     if template is PLAIN:
         if len(turns) != 2 or IMAGE_MARK not in turns[0][1]:
             raise ConversationError(f"{sample}: plain template needs one <image> turn and one caption")

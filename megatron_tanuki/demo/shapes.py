@@ -26,7 +26,7 @@ QUESTIONS = (
     ("どんな形ですか？", "{s}です。"),
     ("図形はどこにありますか？", "{p}にあります。"),
 )
-VERSION = 7
+VERSION = 8
 
 
 def caption(color: str, shape: str, pos: str) -> str:
@@ -88,7 +88,7 @@ def generate(root: str, n_train: int = 3000, n_heldout: int = 90, size: int = 11
             continue
         stage1.append({"id": name, "image": name, "conversations": [
             {"from": "human", "value": "<image>"}, {"from": "gpt", "value": cap}]})
-        q, a = rng.choice(((DESCRIBE, cap),) * 3 + QUESTIONS)  # 1/2 describe, 1/6 each question
+        q, a = rng.choice(((DESCRIBE, cap),) * 9 + QUESTIONS)  # 3/4 describe, 1/12 each question
         stage2.append({"id": name, "image": name, "conversations": [
             {"from": "human", "value": f"<image>\n{q}"},
             {"from": "gpt", "value": a.format(c=color_noun(c), s=s, p=p)}]})

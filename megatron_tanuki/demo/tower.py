@@ -55,14 +55,19 @@ def pretrain_and_assemble(preset: str, llm_ckpt: str, stage1_json: str, image_fo
     tower.requires_grad_(True)
     tower.train()
     sizes = (len(shapes.COLORS), len(shapes.SHAPES), len(shapes.POSITIONS))
-    head = torch.nn.Linear(cfg.num_image_tokens * cfg.projector_input_size, sum(sizes))
+    # Colour is read from the *mean* token (so the tokens on the shape carry it strongly, where the
+    # language model can attend to it); shape and position from the whole token map.
+    what = torch.nn.Linear(cfg.projector_input_size, sizes[0])
+    where = torch.nn.Linear(cfg.num_image_tokens * cfg.projector_input_size, sizes[1] + sizes[2])
+    head = torch.nn.ModuleList([what, where])
     opt = torch.optim.AdamW(list(tower.parameters()) + list(head.parameters()), lr=4e-3, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=4e-3, total_steps=steps, pct_start=0.1)
     g = torch.Generator().manual_seed(seed)
 
     def logits(x):
         feats = s2_features(tower, x.float(), cfg.s2_scales, cfg.vision.image_size, cfg.s2_grid)
-        return head(feats.flatten(1)).split(sizes, dim=-1)
+        shape, position = where(feats.flatten(1)).split(sizes[1:], dim=-1)
+        return what(feats.mean(1)), shape, position
 
     for step in range(steps):
         idx = n_val + torch.randint(len(records) - n_val, (64,), generator=g)

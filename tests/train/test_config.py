@@ -44,7 +44,7 @@ def test_overrides_are_parsed_as_yaml_and_win():
     ("train.micro_batch_size=two", "train.micro_batch_size must be an integer, got 'two'"),
     ("train.mode=dpo", "train.mode must be one of"),
     ("data.format=text", "train.mode vlm_stage2 needs data.format llava"),
-    ("train.global_batch_size=7", "not a multiple of train.micro_batch_size 2"),
+    ("train.global_batch_size=7", "global_batch_size 7 is not a multiple of train.micro_batch_size"),
     ("lr=1", "the key needs a section"),
 ])
 def test_bad_overrides_name_the_key_and_the_file(override, message):
