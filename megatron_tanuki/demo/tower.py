@@ -55,9 +55,9 @@ def pretrain_and_assemble(preset: str, llm_ckpt: str, stage1_json: str, image_fo
     tower.requires_grad_(True)
     tower.train()
     sizes = (len(shapes.COLORS), len(shapes.SHAPES), len(shapes.POSITIONS))
-    # Colour is read from the *mean* token (so the tokens on the shape carry it strongly, where the
-    # language model can attend to it); shape and position from the whole token map.
-    what = torch.nn.Linear(cfg.projector_input_size, sizes[0])
+    # Colour and shape are also read from the *mean* token, so that the tokens on the shape carry
+    # them strongly, where the language model can attend to them; shape and position from the map.
+    what = torch.nn.Linear(cfg.projector_input_size, sizes[0] + sizes[1])
     where = torch.nn.Linear(cfg.num_image_tokens * cfg.projector_input_size, sizes[1] + sizes[2])
     head = torch.nn.ModuleList([what, where])
     opt = torch.optim.AdamW(list(tower.parameters()) + list(head.parameters()), lr=4e-3, weight_decay=0.01)
@@ -66,13 +66,15 @@ def pretrain_and_assemble(preset: str, llm_ckpt: str, stage1_json: str, image_fo
 
     def logits(x):
         feats = s2_features(tower, x.float(), cfg.s2_scales, cfg.vision.image_size, cfg.s2_grid)
+        colour, shape_mean = what(feats.mean(1)).split(sizes[:2], dim=-1)
         shape, position = where(feats.flatten(1)).split(sizes[1:], dim=-1)
-        return what(feats.mean(1)), shape, position
+        return colour, shape, position, shape_mean
 
     for step in range(steps):
         idx = n_val + torch.randint(len(records) - n_val, (64,), generator=g)
         out_ = logits(pixels[idx])
-        loss = sum(F.cross_entropy(o, labels[idx, k]) for k, o in enumerate(out_))
+        loss = sum(F.cross_entropy(o, labels[idx, k]) for k, o in enumerate(out_[:3]))
+        loss = loss + F.cross_entropy(out_[3], labels[idx, 1])
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -81,7 +83,7 @@ def pretrain_and_assemble(preset: str, llm_ckpt: str, stage1_json: str, image_fo
     with torch.no_grad():
         out_ = logits(pixels[:n_val])
     acc = {name: float((o.argmax(-1) == labels[:n_val, k]).float().mean())
-           for k, (name, o) in enumerate(zip(("color", "shape", "position"), out_))}
+           for k, (name, o) in enumerate(zip(("color", "shape", "position"), out_[:3]))}
     tower.requires_grad_(False)
     with atomic_output_dir(out, overwrite=True) as tmp:
         dist_checkpointing.save({"model0": model.sharded_state_dict()}, tmp)

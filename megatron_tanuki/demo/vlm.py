@@ -101,7 +101,7 @@ def main(workdir: str = "runs/demo", seed: int = 0, n_train: int = 3000, n_heldo
     say("[demo] step 2/5: the tiny SigLIP-shaped tower trains briefly on the images (stand-in for a "
         "pretrained SigLIP; frozen from here on)")
     tower = run_ranks(pretrain_and_assemble, 1, PRESET, f"{workdir}/stage0", data["stage1"], data["images"],
-                      f"{workdir}/init", 20 if quick else 500, env={"OMP_NUM_THREADS": str(world_size)})[0]
+                      f"{workdir}/init", 20 if quick else 700, env={"OMP_NUM_THREADS": str(world_size)})[0]
     acc = tower["val_accuracy"]
     say(f"[demo] tower probe accuracy on its held-out tenth: colour {acc['color']:.0%}, shape {acc['shape']:.0%}, "
         f"position {acc['position']:.0%}")
