@@ -113,11 +113,11 @@ def checkpoint_keys(ckpt: str) -> set[str]:
     return set(FileSystemReader(ckpt).read_metadata().state_dict_metadata)
 
 
-def load_weights(ckpt: str, chunks, allow_missing=(), prefix: str = "", log=print) -> list[str]:
+def load_weights(ckpt: str, chunks, allow_missing=(), log=print) -> list[str]:
     """Model weights only (an initial checkpoint: converted, or another run's). Parameters whose
     names start with one of ``allow_missing`` may be absent (they keep their initialization);
-    returns those. ``prefix``: the checkpoint's keys lack it (an LLM checkpoint into a VLM's
-    ``language_model.``)."""
+    returns those. ``chunks`` may be sub-modules: an LLM checkpoint loads into a VLM's
+    ``language_model`` (its keys have no prefix there)."""
     keys = checkpoint_keys(ckpt)
     missing = []
     for i, c in enumerate(chunks):
@@ -128,14 +128,12 @@ def load_weights(ckpt: str, chunks, allow_missing=(), prefix: str = "", log=prin
             key = getattr(sh, "key", None)
             if key is None:
                 continue
-            stored = key[len(prefix):] if prefix and key.startswith(prefix) else key
-            if stored in keys:
-                sh.key = stored
+            if key in keys:
                 wanted[name] = sh
             elif name.startswith(tuple(allow_missing)):
                 absent.append(name)
             elif not name.endswith("_extra_state"):
-                raise KeyError(f"{ckpt}: checkpoint has no {stored} (parameter {name})")
+                raise KeyError(f"{ckpt}: checkpoint has no {key} (parameter {name})")
         loaded = dist_checkpointing.load(wanted, ckpt)
         c.load_state_dict(loaded, strict=False)
         missing += absent

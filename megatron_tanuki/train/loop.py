@@ -286,4 +286,5 @@ def main_from_env(config_path: str, overrides=()) -> dict:
 
 
 def summary_json(s: dict) -> str:
-    return json.dumps({k: v for k, v in s.items() if k != "losses"}, ensure_ascii=False)
+    """The run summary (steps, time, per-step losses, bad records, checkpoint) as JSON."""
+    return json.dumps(s, ensure_ascii=False)

@@ -34,7 +34,8 @@ def runs(tmp_path_factory):
     data = generate(str(base / "data"), n_train=48, n_heldout=4, log=lambda *a: None)
     common = [f"data.train=[{data['stage2']}]", f"data.image_folder={data['images']}", "model.init_checkpoint=null",
               "train.train_steps=4", "train.global_batch_size=4", "train.micro_batch_size=2", "data.seq_length=128",
-              "parallel.ep=1", "log.interval=1", "log.tensorboard_dir=null", "checkpoint.save_interval=null"]
+              "parallel.ep=1", "log.interval=1", "log.tensorboard_dir=null", "checkpoint.save_interval=null",
+              "checkpoint.keep_last=2"]
     out = {"base": base, "data": data, "common": common}
     out["a"] = train(STAGE2, *common, f"checkpoint.dir={base}/a", summary=str(base / "a.json"))
     out["b1"] = train(STAGE2, *common, f"checkpoint.dir={base}/b", "train.exit_after_steps=2",

@@ -13,7 +13,7 @@ from torch import nn
 
 from megatron_tanuki.data.templates import IMAGE_TOKEN_ID
 from megatron_tanuki.models.tanuki_vision.hf_config import siglip_to_hf
-from megatron_tanuki.models.tanuki_vision.hf_map import TOWER_PREFIX
+from megatron_tanuki.models.tanuki_vision.hf_map import TOWER_PREFIX, is_carried
 from megatron_tanuki.models.tanuki_vision.model import TanukiVisionConfig
 from megatron_tanuki.models.vision.s2 import s2_features
 
@@ -67,8 +67,14 @@ class LlavaJpReference(nn.Module):
         if not any(k.startswith("vision_model.") for k in model.vision_tower.state_dict()):
             # transformers 5 names SiglipVisionModel's tensors without the 4.x "vision_model." level
             parts["vision_tower"] = {k.removeprefix("vision_model."): v for k, v in parts["vision_tower"].items()}
-        for part, state in parts.items():
-            getattr(model, part).load_state_dict(state, strict=True)
+        model.mm_projector.load_state_dict(parts["mm_projector"], strict=True)
+        missing, unexpected = model.vision_tower.load_state_dict(parts["vision_tower"], strict=False)
+        used = [k for k in missing if not is_carried(TOWER_PREFIX + "vision_model." + k.removeprefix("vision_model."), cfg)]
+        if used or unexpected:
+            raise ValueError(f"vision tower tensors do not fit SiglipVisionModel: missing {used[:3]}, "
+                             f"unexpected {unexpected[:3]}")
+        # Tensors the LLaVA-JP forward never reads (last layer, post LayerNorm, head) may be absent:
+        # a checkpoint trained here from scratch has none to carry.
         return model.eval()
 
     def image_features(self, images: torch.Tensor) -> torch.Tensor:
