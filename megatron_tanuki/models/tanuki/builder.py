@@ -148,8 +148,7 @@ def build_model(cfg: TanukiConfig, layout: ParallelLayout, opts: BuildOptions | 
         block = TransformerBlockSubmodules(
             layer_specs=[layer_spec] * get_num_layers_to_build(tcfg, vp_stage=vp_stage),
             layer_norm=final_norm)
-        ctx = torch.device(device) if device is not None else _default_device()
-        with ctx:
+        with target_device(device):
             model = GPTModel(
                 config=tcfg,
                 transformer_layer_spec=block,
@@ -162,14 +161,30 @@ def build_model(cfg: TanukiConfig, layout: ParallelLayout, opts: BuildOptions | 
                 rotary_base=cfg.rope_theta,
                 vp_stage=vp_stage,
             )
-        if device != "meta" and not cpu.is_active():
-            model.cuda(torch.cuda.current_device())
-        chunks.append(model)
+        chunks.append(place(model, device))
     return chunks
 
 
-def _default_device():
-    return torch.device("cpu") if cpu.is_active() or not cpu.gpu_present() else torch.device("cuda")
+def target_device(device: str | torch.device | None = None) -> torch.device:
+    """Where a rank's model lives: ``device`` when given (``meta`` for shapes, or a stand-in in
+    tests), else this rank's GPU, else the CPU. Builders build under it *and* move the finished
+    module to it, because megatron-core creates some buffers on an explicit device (RoPE
+    ``inv_freq`` on ``torch.cuda.current_device()``) and vision parts are built outside GPTModel."""
+    return torch.device(device) if device is not None else rank_device()
+
+
+def rank_device() -> torch.device:
+    """This rank's accelerator (set by runtime.distributed), or the CPU without one. Tests replace
+    it with ``meta`` to run the GPU branch -- ``device=None`` -- on a CPU machine."""
+    if cpu.is_active() or not cpu.gpu_present():
+        return torch.device("cpu")
+    return torch.device("cuda", torch.cuda.current_device())
+
+
+def place(module: torch.nn.Module, device: str | torch.device | None = None) -> torch.nn.Module:
+    """Every parameter and buffer of ``module`` onto :func:`target_device` (the GPU branch of a
+    real run; tests run it with ``meta`` as the stand-in device)."""
+    return module.to(target_device(device))
 
 
 def count_parameters(chunks, cfg: TanukiConfig) -> dict:
