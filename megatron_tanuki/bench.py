@@ -3,8 +3,9 @@
 Builds ``--layers`` layers of a preset's shape with the same layer spec the models use (SDPA core
 attention, Tanuki RMSNorm and router on the non-TE path; TE spec when available), times
 forward + backward after warm-up, and prints tokens/s, model TFLOPS and peak memory.
-Model FLOPs follow ../shared/probes: 3 x forward matmul FLOPs, causal attention counted as half,
-so the numbers compare with the H100 baselines there (HF Mixtral layers 363, mcore+SDPA 386).
+Model FLOPs come from ``models/flops.py`` (re-exported here), the accounting training reports:
+3 x forward matmul FLOPs, causal attention counted as half, so the numbers compare with the H100
+baselines in ../shared/probes (HF Mixtral layers 363, mcore+SDPA 386).
 It measures; it asserts nothing about speed.
 """
 from __future__ import annotations
@@ -14,6 +15,9 @@ import time
 from dataclasses import dataclass
 
 import torch
+
+from megatron_tanuki.models.flops import (  # noqa: F401 (re-exported: the benchmark's accounting)
+    model_flops_per_step, projector_flops, vision_flops)
 
 
 @dataclass
@@ -29,18 +33,6 @@ class BenchResult:
     model_tflops: float
     peak_mem_gib: float  # GPU: torch peak allocated; CPU: process peak RSS
     spec: str
-
-
-def model_flops_per_step(cfg, layers: int, seq: int, batch: int) -> float:
-    """3 x forward matmul FLOPs of ``layers`` layers (no embedding / output layer)."""
-    h, hd = cfg.hidden_size, cfg.head_dim
-    proj = 2 * h * (cfg.num_attention_heads * hd * 2 + 2 * cfg.num_query_groups * hd)
-    attn = 2 * 2 * seq * cfg.num_attention_heads * hd / 2  # QK^T and PV, causal half
-    if cfg.is_moe:
-        mlp = cfg.moe_topk * 3 * 2 * h * cfg.ffn_hidden_size + 2 * h * cfg.num_experts
-    else:
-        mlp = 3 * 2 * h * cfg.ffn_hidden_size
-    return 3 * (proj + attn + mlp) * seq * batch * layers
 
 
 def _seconds_per_step(step, warmup: int, iters: int, on_gpu: bool) -> float:
@@ -111,21 +103,26 @@ def run(preset: str = "tanuki-8x8b-tiny", layers: int = 2, seq: int = 128, batch
         spec="transformer-engine" if use_te else "local+sdpa")
 
 
-def vision_flops(vcfg, tiles: int) -> float:
-    """Forward FLOPs of the (frozen) SigLIP tower over ``tiles`` tiles: it gets no backward."""
-    h, f, n = vcfg.hidden_size, vcfg.ffn_hidden_size, vcfg.num_patches
-    per_layer = 2 * n * (4 * h * h + 2 * h * f) + 2 * 2 * n * n * h  # projections+MLP, QK^T+PV
-    return per_layer * vcfg.layers_to_build * tiles
+def vlm_config(preset: str, on_gpu: bool):
+    """A Tanuki-vision preset as it is, or an LLM preset with SigLIP-so400m (GPU) / the tiny tower (CPU)."""
+    from megatron_tanuki.models import registry
+    from megatron_tanuki.models.tanuki_vision.model import TanukiVisionConfig
+    from megatron_tanuki.models.vision import siglip
+
+    p = registry.get_preset(preset)
+    if isinstance(p, TanukiVisionConfig):
+        return p
+    return TanukiVisionConfig(f"{preset}-vision", p, siglip.SIGLIP_SO400M if on_gpu else siglip.SIGLIP_TINY)
 
 
-def run_vlm(preset: str = "tanuki-8x8b", layers: int = 2, text_tokens: int = 296, batch: int = 1,
+def run_vlm(preset: str = "tanuki-vision-8x8b", layers: int = 2, text_tokens: int = 296, batch: int = 1,
             dtype: str = "auto", warmup: int = 2, iters: int = 5) -> dict:
-    """One step of a Tanuki-vision block: SigLIP-so400m + S2 at 768 px (frozen, forward only),
-    mlp2x_gelu projector, ``layers`` language layers (forward + backward)."""
+    """One step of a Tanuki-vision block: the tower with S2 as the config's geometry says (frozen,
+    forward only), mlp2x_gelu projector, ``layers`` language layers (forward + backward)."""
     from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
     from megatron.core.transformer.transformer_block import TransformerBlock, TransformerBlockSubmodules
 
-    from megatron_tanuki.models import registry, specs
+    from megatron_tanuki.models import specs
     from megatron_tanuki.models.tanuki.builder import BuildOptions, transformer_config
     from megatron_tanuki.models.tanuki.router import TanukiRouter
     from megatron_tanuki.models.vision import siglip
@@ -136,9 +133,8 @@ def run_vlm(preset: str = "tanuki-8x8b", layers: int = 2, text_tokens: int = 296
 
     on_gpu = cpu.gpu_present()
     dtype = ("bf16" if on_gpu else "fp32") if dtype == "auto" else dtype
-    cfg = registry.get_preset(preset).replace(num_layers=layers)
-    vcfg = siglip.SIGLIP_SO400M if on_gpu else siglip.SIGLIP_TINY
-    grid = (26, 28) if on_gpu else (3, 5)
+    vlm = vlm_config(preset, on_gpu)
+    cfg, vcfg, geom = vlm.llm.replace(num_layers=layers), vlm.vision, vlm.s2
     init_single_process(ParallelLayout(), cfg)
     dev = torch.device("cuda") if on_gpu else torch.device("cpu")
     opts = BuildOptions(dtype=dtype)
@@ -149,28 +145,29 @@ def run_vlm(preset: str = "tanuki-8x8b", layers: int = 2, text_tokens: int = 296
         layer_norm=specs.final_norm(use_te))).to(dev)
     tower = siglip.SiglipTower(vcfg, siglip.transformer_config(vcfg, ParallelLayout(), tdtype)).to(dev)
     tower.requires_grad_(False)
-    proj = build_projector(vcfg.hidden_size * 2, cfg.hidden_size, ParallelLayout(), tdtype).to(dev)
-    n_img = grid[0] * grid[1]
+    proj = build_projector(vlm.projector_input_size, cfg.hidden_size, ParallelLayout(), tdtype).to(dev)
+    n_img = vlm.num_image_tokens
     seq = n_img + text_tokens
     rope = RotaryEmbedding(cfg.head_dim, rotary_percent=1.0, rotary_base=cfg.rope_theta)(seq).to(dev)
-    images = torch.randn(batch, 3, vcfg.image_size * 2, vcfg.image_size * 2, device=dev, dtype=tdtype)
+    images = torch.randn(batch, 3, geom.input_size, geom.input_size, device=dev, dtype=tdtype)
     text = torch.randn(text_tokens, batch, cfg.hidden_size, device=dev, dtype=tdtype)
 
     def step():
         with torch.no_grad():
-            feats = s2_features(tower, images, (1.0, 0.5), vcfg.image_size, grid)
-        img = proj(feats).transpose(0, 1)  # [728, b, h]
+            feats = s2_features(tower, images, geom)
+        img = proj(feats).transpose(0, 1)  # [image tokens, b, h]
         x = torch.cat([img, text], dim=0)
         y = block(x, attention_mask=None, rotary_pos_emb=rope)
         y.float().pow(2).mean().backward()
 
     step_s = _seconds_per_step(step, warmup, iters, on_gpu)
     llm = model_flops_per_step(cfg, layers, seq, batch)
-    projector = 3 * 2 * n_img * batch * (vcfg.hidden_size * 2 * cfg.hidden_size + cfg.hidden_size ** 2)
-    vision = vision_flops(vcfg, tiles=5) * batch
+    projector = projector_flops(vlm) * batch
+    vision = vision_flops(vcfg, geom.tower_runs) * batch
     total = llm + projector + vision
     return {"preset": preset, "vision": vcfg.name, "device": torch.cuda.get_device_name() if on_gpu else "cpu",
             "dtype": dtype, "layers": layers, "seq": seq, "image_tokens": n_img, "batch": batch,
+            "image_size": geom.input_size, "s2_scales": list(geom.scales), "tower_runs": geom.tower_runs,
             "step_s": round(step_s, 5), "samples_per_s": round(batch / step_s, 2),
             "model_tflops": round(total / step_s / 1e12, 3),
             "flops_share": {"vision": round(vision / total, 3), "projector": round(projector / total, 3),
@@ -191,15 +188,18 @@ def main(argv=None) -> int:
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--json", action="store_true")
     p.add_argument("--vlm", action="store_true",
-                   help="Tanuki-vision step: SigLIP-so400m + S2 at 768 px + projector + --layers LLM layers")
-    p.add_argument("--text-tokens", type=int, default=296, help="--vlm: text tokens after the 728 image tokens")
+                   help="Tanuki-vision step: tower + S2 + projector + --layers LLM layers (default preset "
+                        "tanuki-vision-8x8b on a GPU, tanuki-vision-8x8b-tiny on CPU; an LLM preset gets "
+                        "SigLIP-so400m on a GPU, the tiny tower on CPU)")
+    p.add_argument("--text-tokens", type=int, default=296, help="--vlm: text tokens after the image tokens")
     a = p.parse_args(argv)
     gpu = torch.cuda.is_available()
     if a.vlm:
-        r = run_vlm(preset=a.preset or ("tanuki-8x8b" if gpu else "tanuki-8x8b-tiny"), layers=a.layers,
+        r = run_vlm(preset=a.preset or ("tanuki-vision-8x8b" if gpu else "tanuki-vision-8x8b-tiny"), layers=a.layers,
                     text_tokens=a.text_tokens, batch=a.batch, dtype=a.dtype, warmup=a.warmup, iters=a.iters)
         print(json.dumps(r) if a.json else
-              f"{r['preset']} + {r['vision']} (S2, 768 px), {r['layers']} LLM layers, seq {r['seq']}, batch "
+              f"{r['preset']} + {r['vision']} (S2 {r['s2_scales']} at {r['image_size']} px, {r['tower_runs']} "
+              f"tiles/image), {r['layers']} LLM layers, seq {r['seq']}, batch "
               f"{r['batch']}, {r['dtype']} on {r['device']}: step {r['step_s'] * 1e3:.1f} ms, "
               f"{r['samples_per_s']} samples/s, {r['model_tflops']} model TFLOPS, peak {r['peak_mem_gib']} GiB")
         return 0

@@ -1,24 +1,65 @@
 """`tanuki`: one command line for the project. Parses and dispatches, nothing else.
 
-    tanuki model-info PRESET [--json]
+    tanuki --version
+    tanuki model-info PRESET [--json] | tanuki model-info --list [--json]
     tanuki demo [--workdir runs/demo] [--quick] [--llm]
     tanuki convert hf-to-mcore --hf DIR --out DIR [--vision SIGLIP_DIR] [--overwrite]
     tanuki convert mcore-to-hf --ckpt DIR --out DIR [--overwrite]
-    tanuki convert verify --hf DIR --ckpt DIR [--tp N --pp N --ep N] [--image FILE] [--vision DIR] [--json]
-    tanuki train CONFIG.yaml [key=value ...] [--nproc N]
+    tanuki convert verify --hf DIR --ckpt DIR [--tp N --pp N --ep N] [--dtype bf16] [--layers N]
+                          [--memory-budget-gb GB] [--text T] [--image FILE] [--vision DIR] [--json]
+    tanuki train CONFIG.yaml [key=value ...] [--nproc N] [--print-config]
     tanuki upcycle --dense DIR --experts 8 --noise 0.001 --seed 0 --out DIR [--to hf|mcore]
+
+A user error is one line on stderr (exit 2); a crash also keeps its traceback in a
+tanuki-crash-*.log beside the run (exit 1; TANUKI_DEBUG=1 prints it too).
 """
 from __future__ import annotations
 
 import argparse
 import json
-import signal
 import sys
+
+from megatron_tanuki.runtime import crash
+from megatron_tanuki.train import launch
+
+
+def version() -> str:
+    """Ours and the versions that decide numerics, for bug reports (read from metadata: no imports)."""
+    from importlib import metadata
+
+    import megatron_tanuki
+
+    def v(dist):
+        try:
+            return metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            return "not installed"
+
+    deps = ", ".join(f"{d} {v(d)}" for d in ("megatron-core", "torch", "transformers", "transformer-engine"))
+    return f"tanuki {megatron_tanuki.__version__} ({deps})"
+
+
+class _Version(argparse.Action):
+    """argparse's own version action re-wraps the line; this prints it as is."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(version())
+        parser.exit()
 
 
 def cmd_model_info(args) -> int:
     from megatron_tanuki.models import registry
 
+    if args.list:
+        rows = [registry.model_info(name) for name in registry.PRESETS]
+        rows = [{"preset": i["preset"], "architecture": i["architecture"], "total": i["parameters"]["total"]}
+                for i in rows]
+        if args.json:
+            print(json.dumps(rows, indent=2))
+        else:
+            for r in rows:
+                print(f"{r['preset']:<24} {r['architecture']:<13} {r['total']:>15,} parameters")
+        return 0
     info = registry.model_info(args.preset)
     if args.json:
         print(json.dumps(info, indent=2, ensure_ascii=False))
@@ -67,44 +108,10 @@ def cmd_verify(args) -> int:
     from megatron_tanuki.convert import verify
 
     r = verify.verify(args.hf, args.ckpt, tp=args.tp, pp=args.pp, ep=args.ep, text=args.text,
-                      tolerance=args.tolerance, image=args.image, vision_dir=args.vision)
+                      tolerance=args.tolerance, image=args.image, vision_dir=args.vision, dtype=args.dtype,
+                      layers=args.layers, memory_budget_gb=args.memory_budget_gb)
     print(verify.to_json(r) if args.json else verify.format_result(r))
     return 0 if r["ok"] else 1
-
-
-def _train_rank(config: str, overrides: list) -> dict:
-    """One rank of `tanuki train`; data and config errors come back as a message, not a traceback."""
-    from megatron_tanuki.data.records import DataError, TooManyBadRecords
-    from megatron_tanuki.train.loop import main_from_env
-
-    try:
-        return main_from_env(config, overrides)
-    except (TooManyBadRecords, DataError, ValueError, FileNotFoundError, KeyError) as e:
-        return {"error": f"{type(e).__name__}: {e.args[0] if isinstance(e, KeyError) and e.args else e}"}
-
-
-def cmd_train(args) -> int:
-    import os
-
-    from megatron_tanuki.train.config import load
-    from megatron_tanuki.train.loop import summary_json
-
-    load(args.config, args.overrides)  # fail here, in one process, on a bad config
-    launched = "RANK" in os.environ or ("SLURM_PROCID" in os.environ and "SLURM_STEP_ID" in os.environ)
-    if launched or args.nproc == 1:
-        results = [_train_rank(args.config, args.overrides)]
-    else:
-        from megatron_tanuki.runtime.spawn import run_ranks
-
-        results = run_ranks(_train_rank, args.nproc, args.config, args.overrides)
-    errors = [r["error"] for r in results if r and "error" in r]
-    if errors:
-        print(f"tanuki train: error: {errors[0]}", file=sys.stderr)
-        return 2
-    if args.summary_json and results[0]:
-        with open(args.summary_json, "w", encoding="utf-8") as f:
-            f.write(summary_json(results[0]))
-    return 0
 
 
 def cmd_upcycle(args) -> int:
@@ -119,10 +126,12 @@ def cmd_upcycle(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tanuki", description="Tanuki LLMs on Megatron-Core")
+    p.add_argument("--version", action=_Version, nargs=0, help="versions of tanuki and its numerics stack")
     sub = p.add_subparsers(dest="command", required=True)
 
     mi = sub.add_parser("model-info", help="parameter counts of a preset (built on the meta device)")
-    mi.add_argument("preset")
+    mi.add_argument("preset", nargs="?")
+    mi.add_argument("--list", action="store_true", help="every preset: architecture and total parameters")
     mi.add_argument("--json", action="store_true")
     mi.set_defaults(func=cmd_model_info)
 
@@ -147,7 +156,16 @@ def build_parser() -> argparse.ArgumentParser:
                      "'<image>' plus a question)")
     ver.add_argument("--image", default=None, help="VLM: an image file (default: a generated test image)")
     ver.add_argument("--vision", default=None, help="VLM: the SigLIP folder, if not inside --hf")
-    ver.add_argument("--tolerance", type=float, default=1e-4)
+    ver.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32",
+                     help="both sides in this dtype (bf16: half the memory; default tolerance 5%% of the "
+                          "largest |reference logit|, top-1 agreement reported, not required)")
+    ver.add_argument("--layers", type=int, default=None,
+                     help="compare only the first N decoder layers (both models built with N layers, only "
+                          "their weights loaded; final norm and output layer still apply)")
+    ver.add_argument("--memory-budget-gb", type=float, default=None,
+                     help="without --layers: compare the most layers whose estimated peak memory fits")
+    ver.add_argument("--tolerance", type=float, default=None,
+                     help="max |logit diff| allowed (default: 1e-4 in fp32; see --dtype for bf16)")
     ver.add_argument("--json", action="store_true")
     ver.set_defaults(func=cmd_verify)
 
@@ -163,12 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
     up.set_defaults(func=cmd_upcycle)
 
     tr = sub.add_parser("train", help="pretrain / SFT / VLM stage 1-2 from a YAML config (examples/)")
-    tr.add_argument("config")
-    tr.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.lr=1e-4")
-    tr.add_argument("--nproc", type=int, default=1,
-                    help="start N local ranks (CPU/gloo or one node); not needed under torchrun or srun")
-    tr.add_argument("--summary-json", default=None, help="write the run summary (rank 0) here")
-    tr.set_defaults(func=cmd_train)
+    launch.add_arguments(tr)
+    tr.set_defaults(func=launch.command)
 
     d = sub.add_parser("demo", help="the main job on a small embedded default (CPU, 2 ranks)")
     d.add_argument("--workdir", default="runs/demo", help="data, checkpoints and the export go here")
@@ -177,35 +191,30 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--data-only", action="store_true", help="only write the generated dataset")
     d.add_argument("--llm", action="store_true", help="the earlier text-only MoE demo instead")
     d.add_argument("--steps", type=int, default=60, help="--llm: training steps")
-    d.set_defaults(func=cmd_demo)
+    d.set_defaults(func=cmd_demo, run_dir=None)
     return p
 
 
-def _terminate(signum, frame):
-    raise SystemExit(128 + signum)
-
-
 def main(argv=None) -> int:
-    from megatron_tanuki.runtime.distributed import LayoutError
-
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
-    if extra and args.command == "train":  # key=value overrides may come before or after options
-        bad = [e for e in extra if "=" not in e or e.startswith("-")]
-        if bad:
-            parser.error(f"unrecognized arguments: {' '.join(bad)}")
-        args.overrides = args.overrides + extra
+    if args.command == "train":
+        launch.merge_overrides(args, extra, parser.error)
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    # Slurm's time limit and scancel send SIGTERM: turn it into an exception so that unfinished
-    # OUT.tmp-* folders are removed on the way out.
-    signal.signal(signal.SIGTERM, _terminate)
+    if args.command == "model-info" and (args.preset is None) == (not args.list):
+        parser.error("model-info: give a PRESET or --list")
+    if args.command == "demo":
+        args.run_dir = args.workdir
+    crash.exit_on_sigterm()
     try:
+        if args.command != "train":  # train activates in each rank (launch.train_rank)
+            from megatron_tanuki.runtime import cpu
+
+            cpu.activate()  # the CPU redirects, explicitly, before anything is built or read
         return args.func(args)
-    except (LayoutError, KeyError, ValueError, FileNotFoundError, FileExistsError, RuntimeError) as e:
-        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
-        print(f"tanuki {args.command}: error: {msg}", file=sys.stderr)
-        return 2
+    except Exception as e:
+        return crash.report(f"tanuki {args.command}", e, getattr(args, "run_dir", None))
 
 
 if __name__ == "__main__":

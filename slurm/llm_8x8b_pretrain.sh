@@ -1,7 +1,8 @@
 #!/bin/bash
 # Tanuki-8x8B (continued) pretraining on packed token streams, 2 nodes x 8 H100 by default.
 #   sbatch slurm/llm_8x8b_pretrain.sh [key=value ...]
-#   DRY_RUN=1 bash slurm/llm_8x8b_pretrain.sh     LOCAL=1 bash slurm/llm_8x8b_pretrain.sh (tiny, CPU)
+#   DRY_RUN=1 bash slurm/llm_8x8b_pretrain.sh     LOCAL=1 bash slurm/llm_8x8b_pretrain.sh (tiny, CPU, runs/local/pretrain)
+# Output, ranks per node and requeue rules: slurm/common.sh.
 #SBATCH --job-name=tanuki-8x8b-pretrain
 #SBATCH --nodes=2
 #SBATCH --ntasks-per-node=8
@@ -10,13 +11,13 @@
 #SBATCH --exclusive
 #SBATCH --time=48:00:00
 #SBATCH --requeue
-#SBATCH --signal=USR1@300
-#SBATCH --output=logs/%x-%j.out
+#SBATCH --signal=B:USR1@300
+#SBATCH --output=%x-%j.out
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh" 2>/dev/null || source "${SLURM_SUBMIT_DIR:-.}/slurm/common.sh"
 
 CONFIG=examples/tanuki_8x8b_pretrain.yaml
 if [[ "${LOCAL:-0}" == 1 ]]; then
-  RUN=${RUN:-runs/pretrain_local}
+  RUN=${RUN:-runs/local/pretrain}
   run "$PYTHON" -m megatron_tanuki.cli demo --data-only --workdir "$RUN"
   train pretrain "$CONFIG" model.preset=tanuki-8x8b-tiny model.dtype=fp32 model.init_checkpoint=null \
     model.recompute_granularity=null "data.train=[$RUN/data/text.jsonl]" data.seq_length=128 \

@@ -1,7 +1,8 @@
 #!/bin/bash
 # SFT of Tanuki-8B or Tanuki-8x8B from a YAML (default examples/tanuki_8x8b_sft.yaml).
 #   sbatch slurm/sft.sh [CONFIG.yaml] [key=value ...]
-#   DRY_RUN=1 bash slurm/sft.sh ...      LOCAL=1 bash slurm/sft.sh   (tiny chat SFT on 2 CPU ranks)
+#   DRY_RUN=1 bash slurm/sft.sh ...      LOCAL=1 bash slurm/sft.sh   (tiny chat SFT on 2 CPU ranks, runs/local/sft)
+# Output, ranks per node and requeue rules: slurm/common.sh.
 #SBATCH --job-name=tanuki-sft
 #SBATCH --nodes=2
 #SBATCH --ntasks-per-node=8
@@ -10,14 +11,14 @@
 #SBATCH --exclusive
 #SBATCH --time=24:00:00
 #SBATCH --requeue
-#SBATCH --signal=USR1@300
-#SBATCH --output=logs/%x-%j.out
+#SBATCH --signal=B:USR1@300
+#SBATCH --output=%x-%j.out
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh" 2>/dev/null || source "${SLURM_SUBMIT_DIR:-.}/slurm/common.sh"
 
 CONFIG=${1:-examples/tanuki_8x8b_sft.yaml}
 [[ $# -gt 0 ]] && shift
 if [[ "${LOCAL:-0}" == 1 ]]; then
-  RUN=${RUN:-runs/sft_local}
+  RUN=${RUN:-runs/local/sft}
   run "$PYTHON" -m megatron_tanuki.cli demo --data-only --workdir "$RUN"
   # The demo's Q&A as chat records; the tiny MoE, a few steps.
   run "$PYTHON" - "$RUN/data/stage2.json" "$RUN/chat.jsonl" <<'PY'

@@ -3,6 +3,7 @@
 
     python tools/bench_train_step.py                       # tiny on CPU, full width on a GPU
     python tools/bench_train_step.py --layers 2 --seq 4096 --batch 1 --json
+    python tools/bench_train_step.py --vlm                 # Tanuki-vision: tower + S2 + projector + LLM layers
 """
 import sys
 

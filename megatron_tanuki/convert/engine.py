@@ -12,9 +12,11 @@ SigLIP tensors the model never computes, kept so the round trip returns every so
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -23,6 +25,8 @@ from megatron_tanuki.convert import mcore_io, transforms
 from megatron_tanuki.convert.atomic import atomic_output_dir
 from megatron_tanuki.convert.safetensors_io import CheckpointError, HFCheckpoint, ShardedWriter
 from megatron_tanuki.convert.sources import open_source
+from megatron_tanuki.models.checkpoint_meta import DTYPE_NAMES as _DTYPE_NAMES
+from megatron_tanuki.models.checkpoint_meta import META_FILE, meta_json, read_meta, write_meta  # noqa: F401
 from megatron_tanuki.models.tanuki import hf_map
 from megatron_tanuki.models.tanuki.config import TanukiConfig
 from megatron_tanuki.models.tanuki.hf import AUTO_MAP, HF_DIR, REMOTE_CODE_FILES
@@ -31,17 +35,26 @@ from megatron_tanuki.models.tanuki_vision import hf_map as vlm_map
 from megatron_tanuki.models.tanuki_vision.hf_config import siglip_to_hf, to_llava_jp_config
 from megatron_tanuki.models.tanuki_vision.model import TanukiVisionConfig
 
-META_FILE = "tanuki.json"
 HF_SIDE_DIR = "hf"
 CARRIED_DIR = "carried"
-_DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
-_DTYPES = {v: k for k, v in _DTYPE_NAMES.items()}
 
 
 @dataclass
 class ConvertStats:
     tensors: int
     bytes: int
+
+
+def byte_progress(total_bytes: int, desc: str):
+    """A tqdm bar counting bytes on stderr: GB done, GB/s, time left. Long conversions (94 GB for
+    Tanuki-8x8B) otherwise print nothing for many minutes. Shown when stderr is a terminal;
+    TANUKI_PROGRESS=1 forces it on (logs), 0 off."""
+    from tqdm import tqdm
+
+    force = os.environ.get("TANUKI_PROGRESS", "")
+    disable = force == "0" if force in ("0", "1") else not sys.stderr.isatty()
+    return tqdm(total=total_bytes, desc=desc, unit="B", unit_scale=True, unit_divisor=1000, file=sys.stderr,
+                disable=disable, mininterval=0.5, dynamic_ncols=True)
 
 
 def shape_info(cfg: TanukiConfig, hf_vocab: int) -> transforms.Shape:
@@ -130,10 +143,13 @@ def source_to_mcore(src, out: str, overwrite: bool = False, cfg=None) -> Convert
         rule, shape = by_mcore[name]
         t = transforms.to_mcore(rule.transform, [src.get(n) for n in rule.hf], shape)
         stats.tensors += len(rule.hf)
-        stats.bytes += sum(src.nbytes(n) for n in rule.hf)
+        nbytes = sum(src.nbytes(n) for n in rule.hf)
+        stats.bytes += nbytes
+        bar.update(nbytes)
         return t
 
-    with atomic_output_dir(out, overwrite) as tmp:
+    with atomic_output_dir(out, overwrite) as tmp, \
+            byte_progress(sum(src.nbytes(n) for n in src.names()), "hf-to-mcore") as bar:
         mcore_io.write_checkpoint(tmp, cfg, dtype, fetch)
         if carried:
             os.makedirs(os.path.join(tmp, CARRIED_DIR))
@@ -143,6 +159,7 @@ def source_to_mcore(src, out: str, overwrite: bool = False, cfg=None) -> Convert
                 writer.add(n, src.get(n))
                 stats.tensors += 1
                 stats.bytes += src.nbytes(n)
+                bar.update(src.nbytes(n))
             writer.close()
         write_meta(tmp, cfg, dtype, hf_vocab, source=src.path)
         side = os.path.join(tmp, HF_SIDE_DIR)
@@ -152,28 +169,6 @@ def source_to_mcore(src, out: str, overwrite: bool = False, cfg=None) -> Convert
         with open(os.path.join(side, "config.json"), "w", encoding="utf-8") as f:
             json.dump(src.config, f, indent=2, ensure_ascii=False)
     return stats
-
-
-def meta_json(cfg, dtype: torch.dtype, hf_vocab: int, source: str = "") -> str:
-    return json.dumps({"format": "megatron_tanuki", "version": 1, "model": cfg.to_dict(),
-                       "dtype": _DTYPE_NAMES[dtype], "hf_vocab_size": hf_vocab, "source": source}, indent=2)
-
-
-def write_meta(folder: str, cfg, dtype: torch.dtype, hf_vocab: int, source: str = "") -> None:
-    with open(os.path.join(folder, META_FILE), "w", encoding="utf-8") as f:
-        f.write(meta_json(cfg, dtype, hf_vocab, source))
-
-
-def read_meta(ckpt: str):
-    """(TanukiConfig or TanukiVisionConfig, dtype, HF vocab size) of a converted checkpoint."""
-    path = os.path.join(ckpt, META_FILE)
-    if not os.path.isfile(path):
-        raise CheckpointError(f"{ckpt}: no {META_FILE} (not written by megatron_tanuki)")
-    with open(path, encoding="utf-8") as f:
-        meta = json.load(f)
-    model = meta["model"]
-    cfg = TanukiVisionConfig.from_dict(model) if model.get("kind") == "tanuki-vision" else TanukiConfig(**model)
-    return cfg, _DTYPES[meta["dtype"]], int(meta["hf_vocab_size"])
 
 
 def hf_config_for_export(ckpt: str, cfg, hf_vocab: int) -> dict:
@@ -210,9 +205,10 @@ def mcore_to_hf(ckpt: str, out: str, overwrite: bool = False, max_shard_bytes: i
     carried = HFCheckpoint(os.path.join(ckpt, CARRIED_DIR), require_config=False) \
         if os.path.isdir(os.path.join(ckpt, CARRIED_DIR)) else None
     stats = ConvertStats(0, 0)
-    with atomic_output_dir(out, overwrite) as tmp:
-        plan = [(n, s, dtype) for n, s in expected_hf_shapes(cfg, hf_vocab, mcore_shapes).items()]
-        plan += [(n, carried.shape(n), carried.dtype(n)) for n in carried.names()] if carried else []
+    plan = [(n, s, dtype) for n, s in expected_hf_shapes(cfg, hf_vocab, mcore_shapes).items()]
+    plan += [(n, carried.shape(n), carried.dtype(n)) for n in carried.names()] if carried else []
+    total = sum(math.prod(s) * d.itemsize for _, s, d in plan)
+    with atomic_output_dir(out, overwrite) as tmp, byte_progress(total, "mcore-to-hf") as bar:
         writer = ShardedWriter(tmp, plan, max_shard_bytes)
         try:
             for rule, shape in bound_rules(cfg, hf_vocab):
@@ -221,10 +217,12 @@ def mcore_to_hf(ckpt: str, out: str, overwrite: bool = False, max_shard_bytes: i
                     writer.add(name, hf_t)
                     stats.tensors += 1
                     stats.bytes += hf_t.numel() * hf_t.element_size()
+                    bar.update(hf_t.numel() * hf_t.element_size())
             for name in carried.names() if carried else ():
                 writer.add(name, carried.get(name))
                 stats.tensors += 1
                 stats.bytes += carried.nbytes(name)
+                bar.update(carried.nbytes(name))
             writer.close()
         except BaseException:
             writer.abort()

@@ -6,18 +6,9 @@ inverses: pure reshapes, concatenations and slices, no arithmetic, so round trip
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
-
-@dataclass(frozen=True)
-class Shape:
-    num_heads: int
-    num_query_groups: int
-    head_dim: int
-    hf_vocab: int  # rows in the HF embedding / lm_head
-    padded_vocab: int  # rows in megatron (a multiple of 128 for the Tanuki tokenizer)
+from megatron_tanuki.models.shapes import Shape  # noqa: F401  (re-exported: transforms.Shape)
 
 
 def _identity_to_mcore(ts, shape):

@@ -1,8 +1,9 @@
 """Record -> training sample: token ids, next-token targets (masked where not trained), images.
 
-Chat SFT uses Tanuki's Japanese Alpaca format; LLaVA records use LLaVA-JP's ``plain`` / ``v1``
-(data/templates.py). Each ``<image>`` is expanded to the model's image positions here, so a
-sample's length is known before any image is decoded (packing and pipeline shapes need it).
+Chat SFT uses Tanuki's Japanese Alpaca format (``tanuki``); LLaVA records use LLaVA-JP's ``plain`` /
+``v1`` (data/templates.py renders and tokenizes each conversation once, as inference does). Each
+``<image>`` is expanded to the model's image positions here, so a sample's length is known before
+any image is decoded (packing and pipeline shapes need it).
 """
 from __future__ import annotations
 
@@ -10,9 +11,9 @@ import os
 from dataclasses import dataclass
 
 from megatron_tanuki.data import templates
-from megatron_tanuki.data.templates import IGNORE_INDEX, ConversationError
+from megatron_tanuki.data.templates import ALPACA_PREAMBLE, IGNORE_INDEX, ConversationError, expand_image_tokens
 
-ALPACA_PREAMBLE = "以下は、タスクを説明する指示です。要求を適切に満たす応答を書きなさい。"
+__all__ = ["ALPACA_PREAMBLE", "Sample", "SampleBuilder", "SampleError", "alpaca"]
 LLAVA_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
 
 
@@ -40,30 +41,13 @@ def _shifted(ids: list[int], labels: list[int], images, where) -> Sample:
 
 
 def alpaca(tok, messages: list[tuple[str, str]], where: str):
-    """Tanuki's SFT format; ``</s>`` after every answer; loss on the answers and their ``</s>``."""
-    if not messages:
-        raise ConversationError(f"{where}: empty conversation")
-    preamble = ALPACA_PREAMBLE
-    if messages[0][0] == "system":
-        preamble, messages = messages[0][1], messages[1:]
-    if not messages:
-        raise ConversationError(f"{where}: conversation has only a system message")
-    templates.check_turns(messages, where, unit="message")
+    """Tanuki's SFT format; ``</s>`` after every answer; loss on the answers and their ``</s>``.
+
+    A leading system message replaces the preamble (templates.TANUKI).
+    """
+    ids, labels = templates.tokenize(tok, templates.TANUKI, messages, where, unit="message")
     if messages[-1][0] != "assistant":
         raise ConversationError(f"{where}: the last message must be the assistant's answer")
-    ids, labels = [tok.bos_id], [IGNORE_INDEX]
-    prompt = preamble
-    for role, text in messages:
-        if role == "user":
-            prompt += f"\n\n### 指示:\n{text}\n\n### 応答:\n"
-            piece = tok.encode(prompt)
-            ids += piece
-            labels += [IGNORE_INDEX] * len(piece)
-            prompt = ""
-        else:
-            piece = tok.encode(text) + [tok.eos_id]
-            ids += piece
-            labels += piece
     return ids, labels
 
 
@@ -71,7 +55,7 @@ class SampleBuilder:
     def __init__(self, fmt: str, template: str | None, tok, seq_length: int, image_folder: str | None = None,
                  num_image_tokens: int = 0):
         self.fmt, self.tok, self.seq_length = fmt, tok, seq_length
-        self.template = templates.TEMPLATES[template] if fmt == "llava" else None
+        self.template = templates.get(template) if fmt == "llava" else None
         self.image_folder, self.num_image_tokens = image_folder, num_image_tokens
 
     def __call__(self, rec: dict, where: str) -> Sample:
@@ -103,8 +87,6 @@ class SampleBuilder:
             raise SampleError(kind, msg) from None
 
     def _llava(self, rec: dict, where: str) -> Sample:
-        from megatron_tanuki.models.tanuki_vision.model import expand_image_tokens
-
         convs = rec.get("conversations")
         if not isinstance(convs, list) or not convs:
             raise SampleError("empty conversation", f"{where}: empty conversation (no \"conversations\")")

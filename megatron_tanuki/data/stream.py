@@ -4,8 +4,8 @@ Order: records in a permutation of the index seeded by (seed, epoch). Rows of ``
 - pretraining: ``<s> text </s>`` documents concatenated and cut (Megatron-LM style); the
   remainder of a cut document starts the next row.
 - SFT / VLM with packing: samples appended greedily while they fit; each keeps its own position
-  ids and a document id, from which the batch builds a block-diagonal causal mask, so packed
-  samples never attend to each other. Without packing: one sample per row.
+  ids and a document id, from which the batch builds THD packed-sequence boundaries (cu_seqlens),
+  so packed samples never attend to each other. Without packing: one sample per row.
 Every rank builds the same global batch from text alone (images are only opened by the rank that
 owns the row), so the data position -- ``state_dict()``: epoch, cursor, carried tokens -- does not
 depend on the parallel layout and a run can resume under another DP size.
@@ -129,12 +129,13 @@ class RowStream:
 
 
 def pad_row(row: Row, seq_length: int, pad_id: int) -> Row:
-    """Fill to ``seq_length``: pad tokens carry no loss and each is its own document."""
+    """Fill to ``seq_length``: pad tokens carry no loss and form one document of their own
+    (nothing real attends to them: they come last)."""
     n = seq_length - len(row)
     if n > 0:
-        first = (max(row.docs) + 1) if row.docs else 0
+        pad_doc = (max(row.docs) + 1) if row.docs else 0
         row.inputs += [pad_id] * n
         row.targets += [IGNORE_INDEX] * n
-        row.positions += [0] * n
-        row.docs += list(range(first, first + n))
+        row.positions += list(range(n))
+        row.docs += [pad_doc] * n
     return row

@@ -50,6 +50,24 @@ class TanukiTokenizer:
         ids = self.sp.encode(text)
         return ([self.bos_id] if bos else []) + ids + ([self.eos_id] if eos else [])
 
+    def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        """``encode(text)`` and each token's (start, end) *character* span in ``text``.
+
+        Loss masks are derived from these spans (data/templates.py). SentencePiece reports byte spans
+        of the original text (NFKC-normalized pieces keep their source span); a dummy-prefix ``▁`` or
+        the leading bytes of a byte-fallback character have an empty span at the next character.
+        """
+        encode = getattr(self.sp, "EncodeAsProto", None) or self.sp.encode_as_immutable_proto
+        pieces = encode(text).pieces
+        char_at = [0] * (len(text.encode("utf-8")) + 1)  # byte offset -> character offset
+        b = 0
+        for i, ch in enumerate(text):
+            n = len(ch.encode("utf-8"))
+            char_at[b:b + n] = [i] * n
+            b += n
+        char_at[b] = len(text)
+        return [p.id for p in pieces], [(char_at[p.begin], char_at[p.end]) for p in pieces]
+
     def decode(self, ids, skip_special: bool = True) -> str:
         """Text of ``ids``; padded-vocab ids (>= 65000) and, by default, <s> </s> <pad> dropped."""
         special = {self.bos_id, self.eos_id, self.pad_id} if skip_special else set()
@@ -78,6 +96,11 @@ class HFTokenizer:
     def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
         ids = self.tk.encode(text, add_special_tokens=False).ids
         return ([self.bos_id] if bos else []) + ids + ([self.eos_id] if eos else [])
+
+    def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        """``encode(text)`` and each token's (start, end) character span in ``text``."""
+        enc = self.tk.encode(text, add_special_tokens=False)
+        return enc.ids, [tuple(o) for o in enc.offsets]
 
     def decode(self, ids, skip_special: bool = True) -> str:
         special = {self.bos_id, self.eos_id, self.pad_id} if skip_special else set()

@@ -35,13 +35,12 @@ def describe_rank(ckpt: str, heldout: list[dict], image_folder: str, layout: dic
     import torch
 
     from megatron_tanuki.data.images import load_image, preprocess
-    from megatron_tanuki.data.templates import V1, render, tokenize_with_image
+    from megatron_tanuki.data.templates import expand_image_tokens, prompt_ids
     from megatron_tanuki.data.tokenizer import TanukiTokenizer
     from megatron_tanuki.inference.greedy import greedy
     from megatron_tanuki.models.registry import get_preset
     from megatron_tanuki.models.tanuki.builder import BuildOptions
     from megatron_tanuki.models.tanuki_vision.builder import build_vlm
-    from megatron_tanuki.models.tanuki_vision.model import expand_image_tokens
     from megatron_tanuki.runtime.distributed import ParallelLayout, init_distributed
     from megatron_tanuki.train import checkpoint as ckpt_io
 
@@ -51,10 +50,8 @@ def describe_rank(ckpt: str, heldout: list[dict], image_folder: str, layout: dic
     chunks = build_vlm(cfg, layout, BuildOptions(dtype="fp32"))
     ckpt_io.load_weights(ckpt_io.resolve(ckpt), chunks)
     tok = TanukiTokenizer()
-    segments = render(V1, [("user", f"<image>\n{shapes.DESCRIBE}"), ("assistant", "")])[:-1]
-    ids = []
-    for i, (text, _) in enumerate(segments):
-        ids += tokenize_with_image(tok, text, bos=i == 0)
+    # The same ids training fed for this conversation, up to the answer (data/templates.py).
+    ids = prompt_ids(tok, "llava-v1", [("user", f"<image>\n{shapes.DESCRIBE}")])
     prompt, _ = expand_image_tokens(ids, None, cfg.num_image_tokens)
     images = torch.stack([preprocess(load_image(os.path.join(image_folder, h["image"]), h["image"]), cfg.image_size)
                           for h in heldout])
@@ -68,10 +65,10 @@ def _accuracy(captions: list[str], heldout: list[dict]) -> dict:
 
 
 def _train(config: str, overrides: list[str], nproc: int) -> dict:
-    from megatron_tanuki.cli import _train_rank
     from megatron_tanuki.runtime.spawn import run_ranks
+    from megatron_tanuki.train.launch import train_rank
 
-    result = run_ranks(_train_rank, nproc, config, overrides)[0]
+    result = run_ranks(train_rank, nproc, config, overrides)[0]
     if "error" in result:
         raise RuntimeError(f"tanuki train {os.path.basename(config)}: {result['error']}")
     return result

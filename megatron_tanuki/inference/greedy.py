@@ -9,29 +9,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-
-def _last_logits(chunks, ids: torch.Tensor, images: torch.Tensor | None) -> torch.Tensor | None:
-    from megatron.core import parallel_state
-    from megatron.core.pipeline_parallel import get_forward_backward_func
-    from megatron.core.tensor_parallel.mappings import gather_from_tensor_model_parallel_region
-
-    pos = torch.arange(ids.shape[1]).expand_as(ids)
-    dev = torch.cuda.current_device() if dist.get_backend() == "nccl" else "cpu"
-    ids_d, pos_d = ids.to(dev), pos.to(dev)
-    imgs = images.to(dev) if images is not None else None
-
-    def step(data_iterator, model):
-        next(data_iterator)
-        out = model(ids_d, pos_d, None, images=imgs) if imgs is not None else model(ids_d, pos_d, None)
-        return out, lambda t, non_loss_data=False: gather_from_tensor_model_parallel_region(t)[:, -1].float().cpu()
-
-    its = [iter([None]) for _ in chunks]
-    with torch.no_grad():
-        store = get_forward_backward_func()(
-            forward_step_func=step, data_iterator=its if len(chunks) > 1 else its[0],
-            model=chunks if len(chunks) > 1 else chunks[0], num_microbatches=1, seq_length=ids.shape[1],
-            micro_batch_size=ids.shape[0], forward_only=True, collect_non_loss_data=True)
-    return store[0] if parallel_state.is_pipeline_last_stage(ignore_virtual=True) and store else None
+from megatron_tanuki.inference.logits import forward_logits
 
 
 def _source_rank() -> int:
@@ -68,7 +46,7 @@ def greedy(chunks, prompts: list[list[int]], images: torch.Tensor | None, max_ne
             imgs = torch.cat([images[i * images_per_prompt:(i + 1) * images_per_prompt] for i in group])
         done = torch.zeros(len(group), dtype=torch.bool)
         for _ in range(max_new_tokens):
-            logits = _last_logits(chunks, ids, imgs)
+            logits = forward_logits(chunks, ids, images=imgs, last_only=True)
             nxt = [logits[:, :vocab_size].argmax(-1) if logits is not None else None]
             dist.broadcast_object_list(nxt, src=src)
             tok = nxt[0]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import importlib.util
+import os
 
 from megatron.core.models.gpt.gpt_layer_specs import (
     get_gpt_layer_local_spec,
@@ -24,7 +25,10 @@ from megatron_tanuki.runtime import cpu
 
 
 def te_available() -> bool:
-    """Transformer Engine is usable: importable and a GPU to run it on."""
+    """Transformer Engine is usable: importable and a GPU to run it on. ``TANUKI_TE=0`` turns it
+    off (the non-TE GPU path, e.g. tools/gpu_smoke.sh runs both)."""
+    if os.environ.get("TANUKI_TE") == "0":
+        return False
     return cpu.gpu_present() and importlib.util.find_spec("transformer_engine") is not None
 
 

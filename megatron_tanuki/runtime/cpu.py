@@ -26,6 +26,11 @@ Redirected, and why:
   version scales the same gradients by the same ``max_norm / (total_norm + 1e-6)`` factor.
 * ``Tensor.cuda()`` / ``Module.cuda()`` -> no-ops (checkpoint exchange and optimizer reload call
   them); with no GPU there is nowhere else for a tensor to go.
+
+All of them are one table (:func:`_redirects`); :func:`activate` checks that every target exists
+before it replaces any, so a megatron-core rename fails by name instead of silently doing nothing.
+Entry points call :func:`activate` (the CLI, ``launch.train_rank``, ``init_distributed`` /
+``init_single_process``); building a model or reading a checkpoint does not.
 """
 from __future__ import annotations
 
@@ -135,6 +140,77 @@ def _clip_grad_by_total_norm_fp32(parameters, max_norm, total_norm, use_decouple
         g.detach().mul_(clip_coeff)
 
 
+def _maybe_move_tensor_to_cpu(tensor, as_numpy=False, record_stream=False):
+    """megatron's alltoall helper, converting a CPU tensor too (see the module docstring)."""
+    if torch.is_tensor(tensor) and as_numpy:
+        return tensor.cpu().numpy()
+    return tensor
+
+
+def _redirects() -> dict:
+    """Every name the CPU runtime replaces, as ``"module:attribute.path" -> replacement``."""
+    seed = lambda seed: torch.default_generator.manual_seed(int(seed))  # noqa: E731
+    r = {
+        "torch.cuda:current_device": lambda: "cpu",
+        # torch.manual_seed itself calls torch.cuda.manual_seed_all: seed the CPU generator directly.
+        "torch.cuda:manual_seed": seed,
+        "torch.cuda:manual_seed_all": seed,
+        "torch.cuda:get_rng_state": lambda device=None: torch.get_rng_state(),
+        "torch.cuda:set_rng_state": lambda state, device=None: torch.set_rng_state(state),
+        "torch.cuda:synchronize": lambda device=None: None,
+        "torch.cuda:Stream": _InertStream,
+        "torch.cuda:Event": _InertStream,
+        "torch.cuda:current_stream": lambda device=None: _InertStream(),
+        "torch.cuda:stream": lambda stream=None: contextlib.nullcontext(),
+        "torch.cuda:is_current_stream_capturing": lambda: False,
+        "torch:Tensor.record_stream": lambda self, stream: None,
+        "torch:Tensor.cuda": lambda self, *args, **kwargs: self,
+        "torch:nn.Module.cuda": lambda self, *args, **kwargs: self,
+        "megatron.core.tensor_parallel.random:_get_cuda_rng_state":
+            lambda device=None, clone=False, graph_safe=False: torch.get_rng_state(),
+        "megatron.core.tensor_parallel.random:_set_cuda_rng_state":
+            lambda new_state, device=-1, graph_safe=False: torch.set_rng_state(new_state),
+        # token_dispatcher imported the name from moe_utils: its own binding is the one it calls.
+        "megatron.core.transformer.moe.token_dispatcher:maybe_move_tensor_to_cpu": _maybe_move_tensor_to_cpu,
+        "megatron.core.optimizer.clip_grads:clip_grad_by_total_norm_fp32": _clip_grad_by_total_norm_fp32,
+        "megatron.core.optimizer.optimizer:clip_grad_by_total_norm_fp32": _clip_grad_by_total_norm_fp32,
+    }
+    view = _module_torch_without_cuda(torch)
+    r.update({f"{name}:torch": view for name in _HARD_CODED_CUDA})
+    return r
+
+
+def _resolve(target: str):
+    """``"module:a.b"`` -> (the object holding ``b``, ``"b"``); AttributeError/ImportError if absent."""
+    module, path = target.split(":")
+    owner = importlib.import_module(module)
+    *parents, attr = path.split(".")
+    for p in parents:
+        owner = getattr(owner, p)
+    return owner, attr
+
+
+def _check_targets(targets) -> None:
+    """Fail, naming each one, when a target to replace does not exist (renamed or removed in this
+    megatron-core or torch): setting it anyway would add an attribute nobody calls."""
+    missing = []
+    for target in targets:
+        try:
+            owner, attr = _resolve(target)
+            present = hasattr(owner, attr)
+        except (ImportError, AttributeError):
+            present = False
+        if not present:
+            missing.append(target.replace(":", "."))
+    if missing:
+        from importlib import metadata
+
+        raise RuntimeError(
+            f"the CPU runtime cannot redirect {', '.join(missing)}: not found in megatron-core "
+            f"{metadata.version('megatron-core')} / torch {torch.__version__} (renamed or removed); "
+            f"update megatron_tanuki/runtime/cpu.py for this version")
+
+
 _GPU_REQUEST_VARS = ("CUDA_VISIBLE_DEVICES", "SLURM_JOB_GPUS", "SLURM_STEP_GPUS", "SLURM_GPUS_ON_NODE")
 
 
@@ -165,48 +241,11 @@ def activate() -> bool:
             f"(torch {torch.__version__}, torch.cuda.is_available() is False): check the driver and "
             f"the CUDA build of torch. Set TANUKI_ALLOW_CPU=1 to run on the CPU anyway.")
 
-    cuda = torch.cuda
-    cuda.current_device = lambda: "cpu"
-    # torch.manual_seed itself calls torch.cuda.manual_seed_all: seed the CPU generator directly.
-    cuda.manual_seed = cuda.manual_seed_all = lambda seed: torch.default_generator.manual_seed(int(seed))
-    cuda.get_rng_state = lambda device=None: torch.get_rng_state()
-    cuda.set_rng_state = lambda state, device=None: torch.set_rng_state(state)
-    cuda.synchronize = lambda device=None: None
-    cuda.Stream = _InertStream
-    cuda.Event = _InertStream
-    cuda.current_stream = lambda device=None: _InertStream()
-    cuda.stream = lambda stream=None: contextlib.nullcontext()
-    cuda.is_current_stream_capturing = lambda: False
-    torch.Tensor.record_stream = lambda self, stream: None
-
-    from megatron.core.tensor_parallel import random as mcore_random
-
-    mcore_random._get_cuda_rng_state = lambda device=None, clone=False, graph_safe=False: (
-        torch.get_rng_state()
-    )
-    mcore_random._set_cuda_rng_state = lambda new_state, device=-1, graph_safe=False: (
-        torch.set_rng_state(new_state)
-    )
-
-    from megatron.core.transformer.moe import token_dispatcher
-
-    def maybe_move_tensor_to_cpu(tensor, as_numpy=False, record_stream=False):
-        if torch.is_tensor(tensor) and as_numpy:
-            return tensor.cpu().numpy()
-        return tensor
-
-    token_dispatcher.maybe_move_tensor_to_cpu = maybe_move_tensor_to_cpu
-
-    torch.Tensor.cuda = lambda self, *args, **kwargs: self
-    torch.nn.Module.cuda = lambda self, *args, **kwargs: self
-    from megatron.core.optimizer import clip_grads, optimizer
-
-    clip_grads.clip_grad_by_total_norm_fp32 = _clip_grad_by_total_norm_fp32
-    optimizer.clip_grad_by_total_norm_fp32 = _clip_grad_by_total_norm_fp32
-
-    view = _module_torch_without_cuda(torch)
-    for name in _HARD_CODED_CUDA:
-        importlib.import_module(name).torch = view
+    redirects = _redirects()
+    _check_targets(redirects)  # all or nothing: a renamed target must not become a silent no-op
+    for target, value in redirects.items():
+        owner, attr = _resolve(target)
+        setattr(owner, attr, value)
 
     _ACTIVE = True
     return True

@@ -88,6 +88,11 @@ class ParallelLayout:
         if (self.tp * self.cp * dp) % (self.expert_tp * self.ep):
             raise LayoutError(
                 f"ETP*EP = {self.expert_tp * self.ep} must divide TP*CP*DP = {self.tp * self.cp * dp}")
+        if self.cp > 1:
+            # Nothing splits the sequence across CP ranks or corrects the loss for it yet (the
+            # data path, the SDPA attention and the loss would all need it): refuse, never train wrongly.
+            raise LayoutError(f"context parallel CP={self.cp} is not implemented in megatron_tanuki yet "
+                              f"(no sequence split or loss correction): use cp=1")
         if self.sp and self.tp == 1:
             raise LayoutError("sequence parallel (sp) needs TP > 1")
         if self.vpp is not None:
@@ -150,16 +155,34 @@ class LaunchEnv:
 
 
 def _first_slurm_host(env) -> str | None:
-    """First host of the step's (else the job's) node list ("node[01-04],x" -> "node01"),
-    without calling scontrol: rank 0 of an srun step runs there."""
-    nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
-    if not nodelist:
+    """First host of the step's (else the job's) node list, without calling scontrol: rank 0 of an
+    srun step runs there. Slurm's hostlist syntax: top-level commas separate host expressions, and an
+    expression may hold several bracket groups of comma-separated numbers or ranges, expanded
+    leftmost first, zero padding kept: "gpu-a[01-02,05],gpu-b[10-11]" -> "gpu-a01",
+    "rack[1-2]-node[05-06]" -> "rack1-node05". slurm/common.sh exports MASTER_ADDR from
+    `scontrol show hostnames` where scontrol exists; this is the fallback."""
+    var = next((k for k in ("SLURM_STEP_NODELIST", "SLURM_JOB_NODELIST", "SLURM_NODELIST") if env.get(k)), None)
+    if var is None:
         return None
-    first = nodelist.split(",")[0]
-    if "[" in first:
-        prefix, rest = first.split("[", 1)
-        first = prefix + rest.rstrip("]").split(",")[0].split("-")[0]
-    return first
+    text = env[var].strip()
+    host, i = [], 0
+    while i < len(text) and text[i] != ",":  # the first host expression ends at a top-level comma
+        if text[i] == "[":
+            end = text.find("]", i)
+            first = text[i + 1:end].split(",")[0].split("-")[0].strip() if end > 0 else ""
+            if not first.isdigit():
+                raise ValueError(f"{var}={text!r}: cannot read the bracket group at position {i} "
+                                 f"(expected [N], [N-M] or [N-M,K,...])")
+            host.append(first)
+            i = end + 1
+        elif text[i] == "]":
+            raise ValueError(f"{var}={text!r}: ']' without '[' at position {i}")
+        else:
+            host.append(text[i])
+            i += 1
+    if not host:
+        raise ValueError(f"{var}={text!r}: no host name before the first ','")
+    return "".join(host)
 
 
 def init_distributed(layout: ParallelLayout, model=None, env: LaunchEnv | None = None,
@@ -200,11 +223,27 @@ def init_single_process(layout: ParallelLayout | None = None, model=None, seed: 
 def setup_model_parallel(layout: ParallelLayout, seed: int = 1234) -> None:
     """(Re)build megatron-core's parallel groups on an initialized torch.distributed."""
     from megatron.core import parallel_state
-    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     parallel_state.initialize_model_parallel(**layout.mcore_sizes(), create_gloo_process_groups=False)
+    set_seeds(seed + 100 * parallel_state.get_pipeline_model_parallel_rank())
+
+
+def set_seeds(seed: int) -> None:
+    """Python, NumPy, torch and megatron-core's tracked RNGs from one seed.
+
+    Callers offset the seed by ``100 * pp_rank`` as Megatron-LM does: every pipeline stage must not
+    start from the same random stream, or a from-scratch model gets identical layers on each stage.
+    """
+    import random
+
+    import numpy as np
+    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
     model_parallel_cuda_manual_seed(seed)
 
 

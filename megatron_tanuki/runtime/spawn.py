@@ -19,7 +19,14 @@ import torch.multiprocessing as mp
 
 
 class RankFailed(RuntimeError):
-    pass
+    """A rank raised. ``user_message``: the one-line message when that was a user error (bad
+    input, judged in the rank where the traceback was alive), else None; the text holds every
+    failing rank's traceback."""
+
+    def __init__(self, text: str, user_message: str | None = None, first_error: str | None = None):
+        super().__init__(text)
+        self.user_message = user_message
+        self.first_error = first_error or (text.splitlines() or [""])[0]
 
 
 def free_port() -> int:
@@ -40,6 +47,10 @@ def _exit_now(code: int) -> None:
 def _entry(local_rank: int, world_size: int, port: int, outdir: str, fn, args, kwargs, env):
     signal.signal(signal.SIGTERM, lambda *_: _exit_now(1))
     os.environ.update(env)
+    # A spawned interpreter starts with fresh warning filters: install ours before megatron loads.
+    from megatron_tanuki import _quiet
+
+    _quiet.install()
     import torch
 
     # torch is already imported here (unpickling fn), so OMP_NUM_THREADS alone would not apply.
@@ -50,7 +61,9 @@ def _entry(local_rank: int, world_size: int, port: int, outdir: str, fn, args, k
     try:
         result = ("ok", fn(*args, **kwargs))
     except BaseException as e:  # reported to the parent, then re-raised there
-        result = ("error", f"{type(e).__name__}: {e}\n{traceback.format_exc()}")
+        from megatron_tanuki.runtime.crash import user_message
+
+        result = ("error", f"{type(e).__name__}: {e}\n{traceback.format_exc()}", user_message(e))
     with open(path + ".tmp", "wb") as f:
         pickle.dump(result, f)
     os.replace(path + ".tmp", path)
@@ -80,19 +93,21 @@ def run_ranks(fn, world_size: int, *args, env: dict | None = None, **kwargs) -> 
             failure = e
         else:
             failure = None
-        results, errors = [], []
+        results, errors, user, first = [], [], None, None
         for r in range(world_size):
             path = os.path.join(outdir, f"rank{r}.pkl")
             if not os.path.exists(path):
                 results.append(None)
                 continue
             with open(path, "rb") as f:
-                status, value = pickle.load(f)
+                status, value, *more = pickle.load(f)
             if status == "error":
                 errors.append(f"--- rank {r} ---\n{value}")
+                first = first or f"rank {r}: {value.splitlines()[0]}"
+                user = user or (more[0] if more else None)
             results.append(value if status == "ok" else None)
         if errors:
-            raise RankFailed("\n".join(errors))
+            raise RankFailed("\n".join(errors), user_message=user, first_error=first)
         if failure is not None:
             raise RankFailed(str(failure))
         return results

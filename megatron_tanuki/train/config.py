@@ -3,6 +3,8 @@
 Sections mirror how a Megatron-LM user thinks of a run: ``model`` (what), ``parallel`` (how it is
 split), ``data``, ``train`` (optimization), ``checkpoint``, ``log``. Unknown keys and wrong types
 are errors that name the key and the file, so a typo never silently falls back to a default.
+``model.preset`` and ``train.mode`` have no default: a config that forgets them must not quietly
+train some default model.
 """
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelSection:
-    preset: str = "tanuki-vision-8x8b-tiny"
+    preset: str | None = None  # required: a preset name (`tanuki model-info --list`)
     overrides: dict = field(default_factory=dict)  # language-model fields, e.g. rope_theta: 10000
     dtype: str = "bf16"  # fp32 | bf16 | fp16
     fp8: str | None = None  # e4m3 | hybrid (Transformer Engine on H100)
@@ -58,7 +60,7 @@ class DataSection:
 
 @dataclass
 class TrainSection:
-    mode: str = "vlm_stage2"
+    mode: str | None = None  # required: pretrain | sft | vlm_stage1 | vlm_stage2
     seed: int = 1234
     global_batch_size: int = 8  # rows (packed sequences) per optimizer step, all DP ranks together
     micro_batch_size: int = 1
@@ -68,6 +70,10 @@ class TrainSection:
     min_lr: float = 0.0
     lr_schedule: str = "cosine"
     warmup_fraction: float = 0.03
+    # On resume: false keeps the checkpoint's LR schedule (megatron-core's default; a changed lr /
+    # train_steps is reported, not applied); true applies this config's (Megatron-LM's
+    # --override-opt_param-scheduler). The progress output says which one is in force.
+    override_lr_scheduler: bool = False
     weight_decay: float = 0.0
     clip_grad: float = 1.0
     adam_beta1: float = 0.9
@@ -109,6 +115,11 @@ class RunConfig:
 
     def validate(self, source: str = "config") -> "RunConfig":
         t, d = self.train, self.data
+        if not self.model.preset:
+            raise ConfigError(f"{source}: model.preset is required (one of the names `tanuki model-info "
+                              f"--list` prints, e.g. tanuki-8x8b)")
+        if t.mode is None:
+            raise ConfigError(f"{source}: train.mode is required (one of {list(MODES)})")
         _choice(source, "train.mode", t.mode, MODES)
         _choice(source, "data.format", d.format, FORMATS)
         _choice(source, "train.lr_schedule", t.lr_schedule, SCHEDULES)

@@ -37,7 +37,16 @@ def _model_config(cfg: RunConfig):
     from megatron_tanuki.models.registry import get_preset
     from megatron_tanuki.models.tanuki_vision.model import TanukiVisionConfig
 
+    import dataclasses
+
+    from megatron_tanuki.train.config import ConfigError
+
     preset = get_preset(cfg.model.preset)
+    llm = preset.llm if isinstance(preset, TanukiVisionConfig) else preset
+    unknown = sorted(set(cfg.model.overrides) - {f.name for f in dataclasses.fields(llm)})
+    if unknown:
+        raise ConfigError(f"model.overrides: unknown field(s) {unknown} for {cfg.model.preset}; known: "
+                          f"{', '.join(f.name for f in dataclasses.fields(llm) if f.name != 'name')}")
     if isinstance(preset, TanukiVisionConfig):
         return preset.replace(llm=preset.llm.replace(**cfg.model.overrides)) if cfg.model.overrides else preset
     if cfg.train.mode.startswith("vlm"):
@@ -61,14 +70,29 @@ def _build(cfg: RunConfig, mcfg, layout):
     return build_model(mcfg, layout, opts)
 
 
-def _optimizer(cfg: RunConfig, chunks, total_steps: int):
+def _saved_lrs(path: str | None, t) -> tuple[float, float]:
+    """(lr, min_lr) the checkpoint's optimizer was built with: megatron-core 0.19 matches saved
+    parameter groups by an identifier that includes ``max_lr`` / ``min_lr``, so the optimizer must
+    be rebuilt with them to load its state (the schedule is chosen afterwards)."""
+    import yaml
+
+    cfg_file = path and os.path.join(path, "config.yaml")
+    if not cfg_file or not os.path.isfile(cfg_file):
+        return t.lr, t.min_lr
+    with open(cfg_file, encoding="utf-8") as f:
+        saved = (yaml.safe_load(f) or {}).get("train", {})
+    return float(saved.get("lr", t.lr)), float(saved.get("min_lr", t.min_lr))
+
+
+def _optimizer(cfg: RunConfig, chunks, total_steps: int, group_lrs: tuple[float, float] | None = None):
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
     t = cfg.train
     dtype = cfg.model.dtype
+    lr, min_lr = group_lrs or (t.lr, t.min_lr)
     opt = get_megatron_optimizer(
-        OptimizerConfig(optimizer="adam", lr=t.lr, min_lr=t.min_lr, weight_decay=t.weight_decay,
+        OptimizerConfig(optimizer="adam", lr=lr, min_lr=min_lr, weight_decay=t.weight_decay,
                         adam_beta1=t.adam_beta1, adam_beta2=t.adam_beta2, adam_eps=t.adam_eps,
                         clip_grad=t.clip_grad, bf16=dtype == "bf16", fp16=dtype == "fp16",
                         params_dtype=torch.float32 if dtype == "fp32" else torch.bfloat16,
@@ -78,8 +102,39 @@ def _optimizer(cfg: RunConfig, chunks, total_steps: int):
     sched = OptimizerParamScheduler(
         opt, init_lr=0.0 if warmup else t.lr, max_lr=t.lr, min_lr=t.min_lr, lr_warmup_steps=warmup,
         lr_decay_steps=max(total_steps, 1), lr_decay_style=t.lr_schedule, start_wd=t.weight_decay,
-        end_wd=t.weight_decay, wd_incr_steps=max(total_steps, 1), wd_incr_style="constant")
+        end_wd=t.weight_decay, wd_incr_steps=max(total_steps, 1), wd_incr_style="constant",
+        use_checkpoint_opt_param_scheduler=not t.override_lr_scheduler,
+        override_opt_param_scheduler=t.override_lr_scheduler)
     return opt, sched
+
+
+def _schedule(sched) -> dict:
+    return {"lr": sched.max_lr, "min_lr": sched.min_lr, "warmup_steps": sched.lr_warmup_steps,
+            "decay_steps": sched.lr_decay_steps, "style": sched.lr_decay_style}
+
+
+def _schedule_report(cfg: RunConfig, sched, wanted: dict) -> str:
+    """Which LR schedule a resumed run follows, in words (megatron keeps the checkpoint's silently)."""
+    have = _schedule(sched)
+    text = ", ".join(f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}" for k, v in have.items())
+    if cfg.train.override_lr_scheduler:
+        return f"[train] LR schedule: this config's (train.override_lr_scheduler=true): {text}"
+    changed = {k: v for k, v in wanted.items() if have[k] != v}
+    line = f"[train] LR schedule: the checkpoint's: {text}"
+    if changed:
+        line += ("; this config asks for " + ", ".join(f"{k} {v}" for k, v in changed.items())
+                 + " -- not applied (set train.override_lr_scheduler=true to apply it)")
+    return line
+
+
+def _hf_vocab_size(init: str | None, tok) -> int:
+    """The HF ``vocab_size`` an export of this run must carry: the initial checkpoint's (its
+    config.json is copied into every training checkpoint), else the tokenizer's."""
+    from megatron_tanuki.models.checkpoint_meta import META_FILE, read_meta
+
+    if init and os.path.isfile(os.path.join(init, META_FILE)):
+        return read_meta(init).hf_vocab_size
+    return tok.vocab_size
 
 
 def _data(cfg: RunConfig, mcfg, log):
@@ -100,15 +155,9 @@ def _data(cfg: RunConfig, mcfg, log):
 
 
 def _flops_per_row(mcfg, seq: int, images: int) -> float:
-    from megatron_tanuki.bench import model_flops_per_step, vision_flops
-    from megatron_tanuki.models.tanuki_vision.model import TanukiVisionConfig
+    from megatron_tanuki.models.flops import flops_per_row
 
-    llm = mcfg.llm if isinstance(mcfg, TanukiVisionConfig) else mcfg
-    f = model_flops_per_step(llm, llm.num_layers, seq, 1) + 3 * 2 * llm.hidden_size * llm.vocab_size * seq
-    if isinstance(mcfg, TanukiVisionConfig) and images:
-        tiles = sum(max(1, int(2 * s)) ** 2 for s in mcfg.s2_scales) if len(mcfg.s2_scales) > 1 else 1
-        f += vision_flops(mcfg.vision, tiles) * images
-    return f
+    return flops_per_row(mcfg, seq, images)
 
 
 def _all_reduce(t: torch.Tensor, group=None) -> torch.Tensor:
@@ -141,7 +190,7 @@ def train(cfg: RunConfig) -> dict:
     """Rank side: one process of the run."""
     from megatron.core import parallel_state
 
-    from megatron_tanuki.convert.engine import META_FILE, meta_json
+    from megatron_tanuki.models.checkpoint_meta import META_FILE, meta_json
     from megatron_tanuki.train.batches import collate
     from megatron_tanuki.runtime.distributed import ParallelLayout, init_distributed
     from megatron_tanuki.train import checkpoint as ckpt
@@ -167,9 +216,11 @@ def train(cfg: RunConfig) -> dict:
     total_steps = t.train_steps or max(1, int(t.epochs * stream.rows_per_epoch() / t.global_batch_size + 0.999))
 
     chunks = _build(cfg, mcfg, layout)
-    if cfg.model.init_checkpoint:
+    init = cfg.model.init_checkpoint and ckpt.resolve(cfg.model.init_checkpoint)
+    if init:
         allow = ("vision_projection.",) if t.mode == "vlm_stage1" else ()
-        ckpt.load_weights(ckpt.resolve(cfg.model.init_checkpoint), chunks, allow_missing=allow, log=say)
+        ckpt.load_weights(init, chunks, allow_missing=allow, log=say)
+    hf_vocab = _hf_vocab_size(init, tok)
     from megatron_tanuki.runtime import cpu
 
     if t.use_distributed_optimizer and cpu.is_active():
@@ -178,16 +229,25 @@ def train(cfg: RunConfig) -> dict:
         say("[train] CPU runtime: train.use_distributed_optimizer=true applies on GPUs; using the plain optimizer")
         t.use_distributed_optimizer = False
     chunks = wrap_ddp(chunks, use_distributed_optimizer=t.use_distributed_optimizer)
-    opt, sched = _optimizer(cfg, chunks, total_steps)
+    root = cfg.checkpoint.dir
+    if root:  # another model's / mode's checkpoints in this folder: refuse before resuming or mixing them
+        ckpt.check_run_folder(root, cfg.model.preset, t.mode)
+    resume = ckpt.resolve(root) if root and cfg.checkpoint.resume and os.path.isfile(
+        os.path.join(root, ckpt.LATEST)) else None
+    opt, sched = _optimizer(cfg, chunks, total_steps, group_lrs=_saved_lrs(resume, t))
+    wanted = _schedule(sched)  # this config's schedule, before a resume may replace it
 
     step, consumed = 0, 0
-    root = cfg.checkpoint.dir
-    if root and cfg.checkpoint.resume and os.path.isfile(os.path.join(root, ckpt.LATEST)):
-        path = ckpt.resolve(root)
+    if resume:
+        path = resume
         common = ckpt.load_training_state(path, chunks, opt, sched, COMMON_KEYS)
         step, consumed = common["step"], common["consumed_rows"]
         stream.load_state_dict(common["data"])
         say(f"[train] resumed from {path} at step {step}")
+        if t.override_lr_scheduler:  # the scheduler reads each group's max_lr / min_lr first
+            for group in opt.param_groups:
+                group["max_lr"], group["min_lr"] = t.lr, t.min_lr
+        say(_schedule_report(cfg, sched, wanted))
 
     n_trainable = sum(p.numel() for c in chunks for p in c.parameters() if p.requires_grad)
     say(f"[train] {cfg.model.preset} ({t.mode}), layout {layout.describe()} DP={dp} on {env.world_size} "
@@ -202,8 +262,7 @@ def train(cfg: RunConfig) -> dict:
     def save():
         dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.model.dtype]
         side = {"files": {"config.yaml": cfg.to_yaml(),
-                          META_FILE: meta_json(mcfg, dtype, tok.vocab_size, source=f"training step {step}")}}
-        init = cfg.model.init_checkpoint and ckpt.resolve(cfg.model.init_checkpoint)
+                          META_FILE: meta_json(mcfg, dtype, hf_vocab, source=f"training step {step}")}}
         side["copy"] = [os.path.join(init, d) for d in ("hf", "carried") if init and os.path.isdir(os.path.join(init, d))]
         common = {"step": step, "data": stream.state_dict(), "consumed_rows": consumed,
                   "bad_records": dict(bad.reasons)}

@@ -7,6 +7,7 @@ more. Everything here runs unchanged on GPUs (NCCL) and on CPU (gloo, runtime.cp
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Iterable
 
@@ -28,8 +29,9 @@ class Batch:
     labels: torch.Tensor
     loss_mask: torch.Tensor
     position_ids: torch.Tensor
-    attention_mask: torch.Tensor | None = None  # [b, 1, s, s] True = masked out
+    attention_mask: torch.Tensor | None = None  # [b, 1, s, s] True = masked out (not used in training)
     images: torch.Tensor | None = None  # [n, 3, H, W] normalized pixels, Tanuki-vision only
+    packed_seq_params: object | None = None  # megatron-core PackedSeqParams (THD); tensors are [1, t]
 
     @classmethod
     def causal_lm(cls, ids: torch.Tensor, pad_id: int | None = None) -> "Batch":
@@ -43,8 +45,13 @@ class Batch:
 
     def to(self, device) -> "Batch":
         move = (lambda t: None if t is None else t.to(device, non_blocking=True))
-        return Batch(*(move(getattr(self, f)) for f in ("tokens", "labels", "loss_mask",
-                                                         "position_ids", "attention_mask", "images")))
+        params = self.packed_seq_params
+        if params is not None:  # TE reads cu_seqlens on the GPU
+            params = dataclasses.replace(params, **{
+                f: move(getattr(params, f)) for f in ("cu_seqlens_q", "cu_seqlens_kv", "cu_seqlens_q_padded",
+                                                      "cu_seqlens_kv_padded")})
+        return Batch(*(move(getattr(self, f)) for f in ("tokens", "labels", "loss_mask", "position_ids",
+                                                         "attention_mask", "images")), packed_seq_params=params)
 
 
 def configure_for_training(chunks: list, per_token_loss: bool = True) -> None:
@@ -77,6 +84,8 @@ def _forward_step(data_iterator, model):
     if not cpu.is_active():
         batch = batch.to(torch.cuda.current_device())
     extra = {"images": batch.images} if batch.images is not None else {}
+    if batch.packed_seq_params is not None:
+        extra["packed_seq_params"] = batch.packed_seq_params
     output = model(batch.tokens, batch.position_ids, batch.attention_mask, labels=batch.labels, **extra)
 
     def loss_func(per_token_loss: torch.Tensor):
@@ -89,14 +98,21 @@ def _forward_step(data_iterator, model):
     return output, loss_func
 
 
-def forward_backward(chunks: list, microbatches: Iterable[Batch], seq_length: int,
-                     micro_batch_size: int, forward_only: bool = False) -> float:
+def forward_backward(chunks: list, microbatches: Iterable[Batch], seq_length: int | None = None,
+                     micro_batch_size: int | None = None, forward_only: bool = False) -> float:
     """Run the schedule over ``microbatches``; return the token-mean loss of the global batch.
 
     The loss is reduced over DP ranks and broadcast from the last pipeline stage, so every rank
-    returns the same number.
+    returns the same number. The pipeline's activation shape comes from the micro-batches
+    themselves (a packed THD batch is ``[1, rows * seq]``); given sizes must agree with them.
     """
     microbatches = list(microbatches)
+    mbs, seq = microbatches[0].tokens.shape
+    if (seq_length, micro_batch_size) not in ((None, None), (seq, mbs)) and \
+            microbatches[0].packed_seq_params is None:
+        raise ValueError(f"micro-batches are [{mbs}, {seq}] but seq_length={seq_length}, "
+                         f"micro_batch_size={micro_batch_size} were given")
+    seq_length, micro_batch_size = seq, mbs
     chunks_cfg = chunks[0].config
     if not getattr(chunks_cfg, "finalize_model_grads_func", None):
         configure_for_training(chunks)

@@ -61,3 +61,34 @@ def test_bad_yaml_file(tmp_path):
     p.write_text("train:\n  mode: sft\n  lr: fast\n")
     with pytest.raises(ConfigError, match="train.lr must be a number, got 'fast'"):
         load(str(p))
+
+
+@pytest.mark.parametrize("drop,message", [
+    ("preset", "model.preset is required (one of the names `tanuki model-info --list` prints, e.g. tanuki-8x8b)"),
+    ("mode", "train.mode is required (one of ['pretrain', 'sft', 'vlm_stage1', 'vlm_stage2'])"),
+])
+def test_preset_and_mode_are_required(tmp_path, drop, message):
+    """A config that forgets what to train fails naming the key and the file, instead of training
+    some default model."""
+    src = open(os.path.join(ROOT, "examples", "tiny_vlm_stage2.yaml"), encoding="utf-8").read()
+    lines = [ln for ln in src.splitlines() if not ln.strip().startswith(f"{drop}:")]
+    assert len(lines) == len(src.splitlines()) - 1
+    p = tmp_path / "forgot.yaml"
+    p.write_text("\n".join(lines) + "\n")
+    with pytest.raises(ConfigError) as e:
+        load(str(p))
+    assert str(e.value) == f"{p}: {message}"
+    key = "model.preset=tanuki-vision-8x8b-tiny" if drop == "preset" else "train.mode=vlm_stage2"
+    assert load(str(p), [key]).to_dict() == load(os.path.join(ROOT, "examples", "tiny_vlm_stage2.yaml")).to_dict()
+
+
+def test_resolved_yaml_round_trips_with_every_default(tmp_path):
+    """What `tanuki train --print-config` prints loads back to the same config, and names every key."""
+    cfg = load(os.path.join(ROOT, "examples", "tiny_vlm_stage1.yaml"), ["train.lr=3e-4"])
+    p = tmp_path / "resolved.yaml"
+    p.write_text(cfg.to_yaml())
+    assert load(str(p)) == cfg
+    import yaml
+
+    tree = yaml.safe_load(cfg.to_yaml())
+    assert tree["train"]["lr"] == 3e-4 and tree["train"]["adam_eps"] == 1e-8 and tree["log"]["interval"] == 10

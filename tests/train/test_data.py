@@ -8,7 +8,7 @@ from megatron_tanuki.train.batches import collate
 from megatron_tanuki.data.records import BadRecords, RecordIndex, TooManyBadRecords
 from megatron_tanuki.data.samples import ALPACA_PREAMBLE, SampleBuilder
 from megatron_tanuki.data.stream import RowStream
-from megatron_tanuki.data.templates import IGNORE_INDEX, IMAGE_TOKEN_ID
+from megatron_tanuki.data.templates import IGNORE_INDEX, IMAGE_TOKEN_ID, V1, expand_image_tokens, prompt_ids
 from megatron_tanuki.data.tokenizer import TanukiTokenizer
 from megatron_tanuki.demo.shapes import draw
 
@@ -41,6 +41,30 @@ def test_alpaca_format_and_loss_on_answers_only(tmp_path):
                                      f"\n\n### 指示:\n人口は？\n\n### 応答:\n約1400万人です。</s>").replace(" ", "")
     trained = [t for t in s.targets if t != IGNORE_INDEX]
     assert TOK.decode(trained, skip_special=False).replace(" ", "") == "東京です。</s>約1400万人です。</s>"
+    # one encoding of the rendered conversation (what inference tokenizes), spaces and all
+    rendered = (f"{ALPACA_PREAMBLE}\n\n### 指示:\n日本の首都は？\n\n### 応答:\n東京です。</s>"
+                f"\n\n### 指示:\n人口は？\n\n### 応答:\n約1400万人です。</s>")
+    assert s.inputs + s.targets[-1:] == TOK.encode(rendered, bos=True)
+    prompt = prompt_ids(TOK, "tanuki", [(m["role"], m["content"]) for m in msgs[:1]])
+    assert s.inputs[:len(prompt)] == prompt and s.targets[len(prompt) - 1] == TOK.sp.piece_to_id("東京")
+    assert set(s.targets[:len(prompt) - 1]) == {IGNORE_INDEX}
+
+
+def test_llava_v1_sample_is_one_encoding_with_expanded_images(tmp_path):
+    import random
+
+    (tmp_path / "img").mkdir()
+    draw("赤い", "円", "左上", 112, random.Random(0)).save(tmp_path / "img" / "a.png")
+    rec = {"image": "a.png", "conversations": [{"from": "human", "value": "何がありますか？\n<image>"},
+                                               {"from": "gpt", "value": "赤い円です。"}]}
+    f = _jsonl(tmp_path / "v1.jsonl", [rec])
+    s = SampleBuilder("llava", "v1", TOK, 256, str(tmp_path / "img"), 15)(RecordIndex([f]).read(0), "v1.jsonl:1")
+    before, after = (V1.system + " ユーザー: <image>\n何がありますか？ システム: 赤い円です。</s>").split("<image>")
+    raw = TOK.encode(before, bos=True) + [IMAGE_TOKEN_ID] + TOK.encode(after)
+    assert s.inputs + s.targets[-1:] == expand_image_tokens(raw, None, 15)[0]
+    prompt, _ = expand_image_tokens(prompt_ids(TOK, "llava-v1", [("user", "何がありますか？\n<image>")]), None, 15)
+    assert s.inputs[:len(prompt)] == prompt and s.images == [str(tmp_path / "img" / "a.png")]
+    assert set(s.targets[:len(prompt) - 1]) == {IGNORE_INDEX} and s.targets[len(prompt) - 1] != IGNORE_INDEX
 
 
 def test_packed_rows_keep_documents_apart(tmp_path):

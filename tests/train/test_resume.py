@@ -23,7 +23,7 @@ def train(config, *overrides, summary=None):
         cmd += ["--summary-json", summary]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    return json.load(open(summary)) if summary else r
+    return {**json.load(open(summary)), "stdout": r.stdout} if summary else r
 
 
 @pytest.fixture(scope="module")
@@ -40,11 +40,35 @@ def runs(tmp_path_factory):
     out["a"] = train(STAGE2, *common, f"checkpoint.dir={base}/a", summary=str(base / "a.json"))
     out["b1"] = train(STAGE2, *common, f"checkpoint.dir={base}/b", "train.exit_after_steps=2",
                       summary=str(base / "b1.json"))
-    shutil.copytree(base / "b", base / "c")
+    for copy in ("c", "d", "e"):  # resumed below under other layouts / schedules
+        shutil.copytree(base / "b", base / copy)
     out["b2"] = train(STAGE2, *common, f"checkpoint.dir={base}/b", summary=str(base / "b2.json"))
     out["c"] = train(STAGE2, *common, f"checkpoint.dir={base}/c", "parallel.tp=2", "parallel.sp=true",
                      summary=str(base / "c.json"))
+    # packed THD batches through the pipeline schedule, and a changed LR on resume: kept (default)...
+    out["d"] = train(STAGE2, *common, f"checkpoint.dir={base}/d", "parallel.pp=2", "train.lr=0.5",
+                     summary=str(base / "d.json"))
+    # ...or applied with train.override_lr_scheduler=true
+    out["e"] = train(STAGE2, *common, f"checkpoint.dir={base}/e", "train.lr=0.5", "train.override_lr_scheduler=true",
+                     summary=str(base / "e.json"))
     return out
+
+
+def test_resume_under_pp2_with_packed_batches_continues_within_fp32_tolerance(runs):
+    a, d = runs["a"]["losses"], runs["d"]["losses"]
+    assert len(d) == 2
+    for x, y in zip(a[2:], d):  # the checkpoint's LR schedule was kept, so the same run continues
+        assert abs(x - y) <= 1e-4 * max(1.0, abs(x)), (a, d)
+
+
+def test_changed_lr_on_resume_is_reported_and_applied_only_when_asked(runs):
+    kept, applied = runs["d"]["stdout"], runs["e"]["stdout"]
+    assert "[train] LR schedule: the checkpoint's: lr " in kept
+    assert "this config asks for lr 0.5 -- not applied (set train.override_lr_scheduler=true to apply it)" in kept
+    assert "[train] LR schedule: this config's (train.override_lr_scheduler=true): lr 0.5," in applied
+    a, e = runs["a"]["losses"], runs["e"]["losses"]
+    assert abs(e[0] - a[2]) <= 1e-4 * max(1.0, abs(a[2]))  # step 3's loss comes before the new LR acts
+    assert abs(e[1] - a[3]) > 1e-3, (a, e)  # step 4 follows lr 0.5
 
 
 def test_two_n_steps_equal_n_plus_n_with_a_restart_bit_for_bit(runs):

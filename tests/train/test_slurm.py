@@ -1,10 +1,20 @@
-"""slurm/*.sh: DRY_RUN=1 prints the launch (as sbatch would run it); LOCAL=1 runs the tiny config."""
+"""slurm/*.sh: DRY_RUN=1 prints the launch (as sbatch would run it); LOCAL=1 runs the tiny config;
+the requeue rules of common.sh run against stand-in srun/scontrol executables (there is no Slurm
+here: the batch-side shell logic is what is under test, with real processes and real signals)."""
+import glob
 import os
+import re
+import signal
+import stat
 import subprocess
+import time
+
+import pytest
+import yaml
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SLURM_ENV = {"SLURM_JOB_ID": "4242", "SLURM_JOB_NUM_NODES": "2", "SLURM_JOB_NODELIST": "h100-[07-08]",
-             "SLURM_SUBMIT_DIR": ROOT}
+             "SLURM_GPUS_ON_NODE": "8", "SLURM_SUBMIT_DIR": ROOT}
 
 
 def sh(script, *args, env=None, cwd="/"):
@@ -14,13 +24,18 @@ def sh(script, *args, env=None, cwd="/"):
                           env=full, cwd=cwd, timeout=900)
 
 
-def test_vlm_8x8b_dry_run_prints_both_stages_for_two_nodes():
+def srun_lines(stdout):
+    return [ln for ln in stdout.strip().splitlines() if ln.startswith("srun ")]
+
+
+def test_vlm_8x8b_dry_run_prints_both_stages_for_two_nodes(tmp_path):
     # run from another folder, as sbatch runs a spooled copy: the checkout comes from SLURM_SUBMIT_DIR
-    r = sh("vlm_8x8b.sh", "train.global_batch_size=256", env={**SLURM_ENV, "DRY_RUN": "1"})
+    logs = tmp_path / "no" / "logs"
+    r = sh("vlm_8x8b.sh", "train.global_batch_size=256", env={**SLURM_ENV, "DRY_RUN": "1", "LOG_DIR": str(logs)})
     assert r.returncode == 0, r.stderr
     lines = r.stdout.strip().splitlines()
     assert lines[0].startswith("export CUDA_DEVICE_MAX_CONNECTIONS=1")
-    s1, s2 = [ln for ln in lines if ln.startswith("srun ")]
+    s1, s2 = srun_lines(r.stdout)
     for cmd in (s1, s2):
         assert "--nodes=2 --ntasks-per-node=8 --gpus-per-node=8" in cmd
         assert f"{ROOT}/.venv/bin/python -m megatron_tanuki.train" in cmd
@@ -30,10 +45,23 @@ def test_vlm_8x8b_dry_run_prints_both_stages_for_two_nodes():
     assert "parallel.tp=1 parallel.pp=1 parallel.ep=8 checkpoint.dir=runs/vlm_8x8b/stage1" in s1
     assert "examples/tanuki_8x8b_vlm_stage2.yaml parallel.tp=1 parallel.pp=2 parallel.ep=8 parallel.sp=false" in s2
     assert "model.init_checkpoint=runs/vlm_8x8b/stage1 checkpoint.dir=runs/vlm_8x8b/stage2" in s2
-    assert "-%j-stage1.out" in s1 and "-%j-stage2.out" in s2  # logs per job and stage
+    # the steps' logs go to a folder the script creates at run time, one file per job and stage
+    assert f"--output={logs}/%x-%j-stage1.out" in s1 and f"--output={logs}/%x-%j-stage2.out" in s2
+    assert logs.is_dir()
     header = open(os.path.join(ROOT, "slurm", "vlm_8x8b.sh")).read()
-    for flag in ("--nodes=2", "--gpus-per-node=8", "--requeue", "--signal=USR1@300", "--output=logs/%x-%j.out"):
+    for flag in ("--nodes=2", "--gpus-per-node=8", "--requeue", "--signal=B:USR1@300", "--output=%x-%j.out"):
         assert f"#SBATCH {flag}" in header
+
+
+def test_no_sbatch_header_names_a_folder_for_its_output():
+    # Slurm does not create the folder of --output/--error: a missing one kills the job unseen
+    scripts = sorted(glob.glob(os.path.join(ROOT, "slurm", "*.sh")))
+    assert len(scripts) >= 4
+    for path in scripts:
+        for line in open(path):
+            m = re.match(r"#SBATCH\s+(--output|--error|-o|-e)[=\s]+(\S+)", line)
+            if m:
+                assert "/" not in m.group(2), f"{path}: {line.strip()}"
 
 
 def test_other_scripts_dry_run():
@@ -49,6 +77,146 @@ def test_other_scripts_dry_run():
     assert r.returncode == 2 and "usage: slurm/convert.sh" in r.stderr
 
 
+@pytest.mark.parametrize("alloc,per_node,note", [
+    ({"SLURM_GPUS_ON_NODE": "4", "SLURM_NTASKS_PER_NODE": "2"}, 4, False),  # the GPUs Slurm gave the node win
+    ({"SLURM_NTASKS_PER_NODE": "2"}, 2, False),
+    ({}, 8, True),
+    ({"GPUS_PER_NODE": "6"}, 6, True),  # the environment default only when the allocation says nothing
+    ({"SLURM_GPUS_ON_NODE": "4", "GPUS_PER_NODE": "6"}, 4, False),
+])
+def test_ranks_per_node_come_from_the_allocation(alloc, per_node, note):
+    env = {k: v for k, v in SLURM_ENV.items() if k != "SLURM_GPUS_ON_NODE"}
+    r = sh("sft.sh", "examples/tanuki_8b_sft.yaml", env={**env, **alloc, "DRY_RUN": "1"})
+    assert r.returncode == 0, r.stderr
+    (cmd,) = srun_lines(r.stdout)
+    assert f"--nodes=2 --ntasks-per-node={per_node} --gpus-per-node={per_node} " in cmd
+    message = "[slurm] neither SLURM_GPUS_ON_NODE nor SLURM_NTASKS_PER_NODE is set: "
+    assert (message in r.stderr) == note
+    if note:
+        assert f"{message}{per_node} ranks per node" in r.stderr
+
+
+def test_vlm_8x8b_local_dry_run_uses_its_own_folder():
+    r = sh("vlm_8x8b.sh", env={"LOCAL": "1", "DRY_RUN": "1"})
+    assert r.returncode == 0, r.stderr
+    assert "demo --data-only --workdir runs/local/vlm_8x8b" in r.stdout
+    assert "checkpoint.dir=runs/local/vlm_8x8b/stage1" in r.stdout
+    assert "model.init_checkpoint=runs/local/vlm_8x8b/stage1 checkpoint.dir=runs/local/vlm_8x8b/stage2" in r.stdout
+    assert "runs/vlm_8x8b" not in r.stdout
+
+
+def _saved_run(folder, preset, mode, step=2, finished=True):
+    ckpt = folder / f"iter_{step:07d}"
+    ckpt.mkdir(parents=True)
+    (ckpt / "config.yaml").write_text(yaml.safe_dump({"model": {"preset": preset}, "train": {"mode": mode}}))
+    (folder / "latest").write_text(f"iter_{step:07d}\n")
+    if finished:
+        (folder / "finished").write_text(f"{step}\n")
+
+
+def test_dry_run_refuses_a_run_folder_saved_by_another_model(tmp_path):
+    _saved_run(tmp_path / "stage1", "tanuki-vision-8x8b-tiny", "vlm_stage1")
+    r = sh("vlm_8x8b.sh", env={**SLURM_ENV, "DRY_RUN": "1", "RUN": str(tmp_path)})
+    assert r.returncode == 1
+    assert "stage 1 already finished" not in r.stdout and not srun_lines(r.stdout)
+    assert (f"error: run folder {tmp_path}/stage1 holds a checkpoint of model.preset=tanuki-vision-8x8b-tiny "
+            f"train.mode=vlm_stage1") in r.stderr
+    assert "but this run asks for model.preset=tanuki-vision-8x8b train.mode=vlm_stage1" in r.stderr
+    assert f"[slurm] refusing to skip or resume {tmp_path}/stage1" in r.stderr
+    # the same folder saved by the cluster model is skipped as finished; stage 2 (a vlm_stage1 checkpoint
+    # where vlm_stage2 is asked) is refused before its launch
+    (tmp_path / "stage1" / "iter_0000002" / "config.yaml").write_text(
+        yaml.safe_dump({"model": {"preset": "tanuki-vision-8x8b"}, "train": {"mode": "vlm_stage1"}}))
+    _saved_run(tmp_path / "stage2", "tanuki-vision-8x8b", "vlm_stage1", finished=False)
+    r = sh("vlm_8x8b.sh", env={**SLURM_ENV, "DRY_RUN": "1", "RUN": str(tmp_path)})
+    assert r.returncode == 1 and f"stage 1 already finished: {tmp_path}/stage1" in r.stdout
+    assert "but this run asks for model.preset=tanuki-vision-8x8b train.mode=vlm_stage2" in r.stderr
+    assert not srun_lines(r.stdout)
+
+
+FAKE_SRUN = r"""#!/bin/bash
+# stand-in for srun: FAKE_SRUN says what the ranks do; their run folder is the last checkpoint.dir=
+for a in "$@"; do [[ $a == checkpoint.dir=* ]] && dir=${a#checkpoint.dir=}; done
+save() { mkdir -p "$dir"; echo "iter_000000$1" > "$dir/latest"; }
+case $FAKE_SRUN in
+  fail) exit 1 ;;
+  save-then-fail) save 5; exit 1 ;;
+  finish) save 5; echo 5 > "$dir/finished"; exit 0 ;;
+  checkpoint-on-usr1) trap 'echo usr1 >> "$FAKE_LOG"; save 7; exit 0' USR1 ;;
+  ignore-usr1) trap 'echo usr1 >> "$FAKE_LOG"' USR1 ;;
+esac
+echo $$ > "$FAKE_READY.tmp" && mv "$FAKE_READY.tmp" "$FAKE_READY"
+while :; do sleep 0.1; done
+"""
+FAKE_SCONTROL = r"""#!/bin/bash
+case $1 in
+  requeue) echo "requeue $2" >> "$FAKE_LOG" ;;
+  show) printf '%s\n' gpu-a01 gpu-a02 gpu-a05 gpu-b10 gpu-b11 ;;
+esac
+"""
+
+
+def _fake_slurm(tmp_path):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, text in (("srun", FAKE_SRUN), ("scontrol", FAKE_SCONTROL)):
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(stat.S_IRWXU)
+    return {"PATH": f"{bin_dir}:{os.environ['PATH']}", "FAKE_LOG": str(tmp_path / "log"),
+            "FAKE_READY": str(tmp_path / "ready"), "LOG_DIR": str(tmp_path / "logs")}
+
+
+def test_master_addr_comes_from_scontrol(tmp_path):
+    env = {**SLURM_ENV, **_fake_slurm(tmp_path), "SLURM_JOB_NODELIST": "gpu-a[01-02,05],gpu-b[10-11]", "DRY_RUN": "1"}
+    r = sh("sft.sh", "examples/tanuki_8b_sft.yaml", env=env)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines()[0].endswith(" MASTER_ADDR=gpu-a01")
+
+
+@pytest.mark.parametrize("ranks,signals,rc,requeued,message", [
+    ("fail", [], 1, False, "[slurm] sft failed (exit 1) without a new checkpoint or SIGUSR1: not requeued"),
+    ("save-then-fail", [], 1, True, "[slurm] requeueing job 4242: sft failed (exit 1) after saving iter_0000005 "
+                                    "in this job"),
+    ("finish", [], 0, False, None),
+    ("checkpoint-on-usr1", ["USR1"], 0, True, "[slurm] requeueing job 4242: {run} is not finished"),
+    # the checkpoint overruns the window: requeued before Slurm's SIGTERM, the ranks stopped
+    ("ignore-usr1", ["USR1"], 143, True, "[slurm] requeueing job 4242: the ranks were still running 1 s after "
+                                         "SIGUSR1 (checkpoint overran the window)"),
+    ("checkpoint-on-usr1", ["TERM"], 143, False, "[slurm] SIGTERM without SIGUSR1 (scancel or preemption): "
+                                                 "not requeued by this script"),
+])
+def test_requeue_rules(tmp_path, ranks, signals, rc, requeued, message):
+    run = tmp_path / "run"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    env.update({**SLURM_ENV, **_fake_slurm(tmp_path), "FAKE_SRUN": ranks, "RUN": str(run), "REQUEUE_GRACE": "1"})
+    proc = subprocess.Popen(["bash", os.path.join(ROOT, "slurm", "sft.sh"), "examples/tanuki_8b_sft.yaml"],
+                            env=env, cwd="/", stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    ready = tmp_path / "ready"
+    try:
+        if signals:
+            deadline = time.time() + 60
+            while not ready.exists():
+                assert proc.poll() is None and time.time() < deadline, proc.communicate()
+                time.sleep(0.05)
+            for sig in signals:
+                proc.send_signal(getattr(signal, f"SIG{sig}"))
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        if ready.exists():  # the stand-in srun, if the script left it running
+            try:
+                os.kill(int(ready.read_text()), signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    assert proc.returncode == rc, out + err
+    log = (tmp_path / "log").read_text() if (tmp_path / "log").exists() else ""
+    assert log.count("requeue 4242") == (1 if requeued else 0), log + err
+    assert ("usr1" in log) == ("USR1" in signals)  # forwarded to srun
+    if message:
+        assert message.format(run=run) in err
+
+
 def test_vlm_8x8b_runs_locally_on_two_cpu_ranks(tmp_path):
     run = tmp_path / "run"
     r = sh("vlm_8x8b.sh", env={"LOCAL": "1", "RUN": str(run), "STEPS": "2"}, cwd=ROOT)
@@ -62,3 +230,8 @@ def test_vlm_8x8b_runs_locally_on_two_cpu_ranks(tmp_path):
     r = sh("vlm_8x8b.sh", env={"LOCAL": "1", "RUN": str(run), "STEPS": "2"}, cwd=ROOT)
     assert r.returncode == 0 and "stage 1 already finished" in r.stdout
     assert f"resumed from {run}/stage2/iter_0000002 at step 2" in r.stdout
+    # the cluster run pointed at the tiny run's folder refuses it instead of starting stage 2 from it
+    r = sh("vlm_8x8b.sh", env={**SLURM_ENV, "DRY_RUN": "1", "RUN": str(run)})
+    assert r.returncode == 1 and "stage 1 already finished" not in r.stdout and not srun_lines(r.stdout)
+    assert (f"run folder {run}/stage1 holds a checkpoint of model.preset=tanuki-vision-8x8b-tiny "
+            f"train.mode=vlm_stage1") in r.stderr

@@ -97,3 +97,37 @@ def test_cpu_runtime_refuses_when_gpus_were_assigned_but_not_visible():
     assert r.returncode != 0 and "GPUs were assigned to this process (CUDA_VISIBLE_DEVICES=0)" in r.stderr
     env["TANUKI_ALLOW_CPU"] = "1"
     assert subprocess.run([sys.executable, "-c", code], env=env).returncode == 0
+
+
+def test_every_redirect_target_exists_in_the_installed_megatron_core():
+    """The real table resolves: no redirect would be a silent no-op on this megatron-core/torch."""
+    targets = cpu._redirects()
+    assert "megatron.core.tensor_parallel.random:_get_cuda_rng_state" in targets
+    assert "megatron.core.transformer.moe.token_dispatcher:maybe_move_tensor_to_cpu" in targets
+    assert {f"{m}:torch" for m in cpu._HARD_CODED_CUDA} <= set(targets)
+    cpu._check_targets(targets)
+
+
+def test_a_missing_target_is_named():
+    with pytest.raises(RuntimeError) as e:
+        cpu._check_targets(["megatron.core.tensor_parallel.random:_get_cuda_rng_state",
+                            "megatron.core.tensor_parallel.random:_get_cuda_rng_state_v2",
+                            "megatron.core.no_such_module:f",
+                            "torch:Tensor.no_such_method"])
+    msg = str(e.value)
+    assert msg.startswith("the CPU runtime cannot redirect megatron.core.tensor_parallel.random."
+                          "_get_cuda_rng_state_v2, megatron.core.no_such_module.f, torch.Tensor.no_such_method: "
+                          "not found in megatron-core 0.19.")
+    assert msg.endswith("(renamed or removed); update megatron_tanuki/runtime/cpu.py for this version")
+
+
+@needs_cpu_only
+def test_every_redirect_is_in_place_after_activation():
+    cpu.activate()
+    for target, value in cpu._redirects().items():
+        owner, attr = cpu._resolve(target)
+        if attr == "torch":  # a fresh view per call: the installed one maps "cuda" to "cpu"
+            assert getattr(owner, attr).zeros(1, device="cuda").device.type == "cpu", target
+        else:  # the same function, or a lambda with the same code (each call makes new ones)
+            installed = getattr(owner, attr)
+            assert installed is value or installed.__code__ == value.__code__, target

@@ -54,3 +54,32 @@ def test_launch_env_from_torchrun_and_slurm():
                                  "SLURM_JOB_NODELIST": "gpu[03-04,07],cpu1", "SLURM_JOB_ID": "123"})
     assert (sl.rank, sl.world_size, sl.local_rank, sl.master_addr, sl.master_port) == (9, 16, 1, "gpu03", 29623)
     assert LaunchEnv.from_environ({}).world_size == 1
+
+
+@pytest.mark.parametrize("nodelist,first", [
+    ("h100-[07-08]", "h100-07"),
+    ("gpu-a[01-02,05],gpu-b[10-11]", "gpu-a01"),  # several bracket groups, commas inside them
+    ("node[1-2]-ib[3]", "node1-ib3"),  # two bracket groups in one host expression
+    ("rack[1-2]-node[05-06],login1", "rack1-node05"),
+    ("node[009-011,020]", "node009"),  # zero padding kept
+    ("cpu1,gpu[03-04]", "cpu1"),
+    ("single", "single"),
+])
+def test_master_addr_is_the_first_host_of_a_slurm_hostlist(nodelist, first):
+    env = {"SLURM_PROCID": "0", "SLURM_NTASKS": "2", "SLURM_JOB_NODELIST": nodelist}
+    assert LaunchEnv.from_environ(env).master_addr == first
+    # the step's node list (srun) wins over the job's; an exported MASTER_ADDR (slurm/common.sh) wins over both
+    assert LaunchEnv.from_environ({**env, "SLURM_STEP_NODELIST": "step[4-5]"}).master_addr == "step4"
+    assert LaunchEnv.from_environ({**env, "MASTER_ADDR": "n9"}).master_addr == "n9"
+
+
+@pytest.mark.parametrize("nodelist,message", [
+    ("node[1-2", "SLURM_JOB_NODELIST='node[1-2': cannot read the bracket group at position 4"),
+    ("node]1", "SLURM_JOB_NODELIST='node]1': ']' without '[' at position 4"),
+    ("n[a-b]", "SLURM_JOB_NODELIST='n[a-b]': cannot read the bracket group at position 1"),
+    (",x", "SLURM_JOB_NODELIST=',x': no host name before the first ','"),
+])
+def test_malformed_slurm_hostlist_is_a_named_error(nodelist, message):
+    with pytest.raises(ValueError) as e:
+        LaunchEnv.from_environ({"SLURM_JOB_NODELIST": nodelist})
+    assert message in str(e.value)

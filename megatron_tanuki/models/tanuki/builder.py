@@ -5,7 +5,6 @@ read from megatron-core's parallel_state, the layout only sets the config flags 
 """
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 
 import torch
@@ -27,8 +26,6 @@ from megatron_tanuki.runtime.distributed import ParallelLayout
 FP8_FORMATS = ("e4m3", "hybrid")
 FP8_RECIPES = ("delayed", "tensorwise", "blockwise", "mxfp8")
 
-# GPTModel logs a deprecation warning at every build; it is the supported path in 0.19.
-logging.getLogger("megatron.core.models.gpt.gpt_model").setLevel(logging.ERROR)
 
 
 @dataclass(frozen=True)
@@ -106,6 +103,10 @@ def transformer_config(cfg: TanukiConfig, layout: ParallelLayout, opts: BuildOpt
         fp16=dtype == torch.float16,
         pipeline_dtype=dtype,
         **layout.mcore_sizes(),
+        # Interleaved schedule: with PP=2 the next and previous stage are one rank, and batched p2p
+        # cannot tell an activation from a gradient sent to it (Megatron-LM #750: same shapes, so
+        # they swap silently); Megatron-LM turns p2p overlap on for VPP, which keeps them apart.
+        overlap_p2p_comm=bool(layout.vpp), batch_p2p_comm=not layout.vpp,
         sequence_parallel=layout.sp,
         # Fusions that need apex/TE kernels are on only with TE.
         bias_activation_fusion=False,

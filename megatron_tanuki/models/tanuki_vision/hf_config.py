@@ -5,7 +5,8 @@ Mixtral fields for the MoE; ``model_type`` "llava-jp") plus the ``mm_*`` fields 
 ``mm_vision_tower`` (a hub name or folder), ``mm_projector_type`` (we support ``mlp2x_gelu``),
 ``mm_hidden_size`` (tower width x number of scales), ``mm_vision_select_layer`` (-2),
 ``mm_vision_select_feature`` ("patch" drops token 0, "cls_patch" keeps it) and ``scales``
-([1.0, 0.5] for S2, null without).
+([1.0, 0.5] for S2, null without). The S2 geometry follows from ``scales`` and the tower
+(``vision/s2.py``); a list LLaVA-JP's s2wrapper cannot run exactly is refused here, at conversion.
 
 The SigLIP shape is not in that file. It comes from, in order: the ``--vision`` folder's
 config.json; a ``vision_config`` entry (which our exports write, so they are self-contained);
@@ -18,7 +19,7 @@ import os
 
 from megatron_tanuki.models.tanuki.hf_config import ConfigError, from_hf_config, to_hf_config
 from megatron_tanuki.models.tanuki_vision.model import TanukiVisionConfig
-from megatron_tanuki.models.vision.s2 import grid_for
+from megatron_tanuki.models.vision.s2 import NO_S2, S2GeometryError
 from megatron_tanuki.models.vision.siglip import SIGLIP_SO400M, SiglipConfig
 
 SO400M_HUB_NAME = "google/siglip-so400m-patch14-384"
@@ -93,13 +94,26 @@ def from_llava_jp_config(hf: dict, source: str = "config.json", vision_dir: str 
     if not -vision.num_layers <= vision.select_layer < 0:
         raise ConfigError(f"{source}: mm_vision_select_layer {vision.select_layer} outside "
                           f"[-{vision.num_layers}, -1] for a {vision.num_layers}-layer tower")
-    scales = tuple(float(s) for s in (hf.get("scales") or (1.0,)))
+    scales = _scales(hf.get("scales"), source)
     mm_hidden = hf.get("mm_hidden_size")
     if mm_hidden is not None and int(mm_hidden) != vision.hidden_size * len(scales):
         raise ConfigError(f"{source}: mm_hidden_size {mm_hidden} != SigLIP hidden {vision.hidden_size} x "
                           f"{len(scales)} scales")
-    return TanukiVisionConfig(name=f"{hf.get('_name_or_path') or 'llava-jp'}", llm=llm, vision=vision,
-                              s2_scales=scales, s2_grid=grid_for(vision.num_features))
+    try:
+        return TanukiVisionConfig(name=f"{hf.get('_name_or_path') or 'llava-jp'}", llm=llm, vision=vision,
+                                  s2_scales=scales)
+    except S2GeometryError as e:
+        raise ConfigError(f"{source}: scales {list(scales)} with a {vision.image_size}-px SigLIP tile: {e}") from None
+
+
+def _scales(raw, source: str) -> tuple[float, ...]:
+    """LLaVA-JP's ``scales``: null (no S2) or a non-empty list of positive numbers."""
+    if raw is None:
+        return NO_S2
+    if (not isinstance(raw, list) or not raw
+            or not all(isinstance(s, (int, float)) and not isinstance(s, bool) and s > 0 for s in raw)):
+        raise ConfigError(f"{source}: scales {raw!r}; expected null or a non-empty list of positive numbers")
+    return tuple(float(s) for s in raw)
 
 
 def to_llava_jp_config(cfg: TanukiVisionConfig, hf_vocab: int | None = None) -> dict:
@@ -113,5 +127,5 @@ def to_llava_jp_config(cfg: TanukiVisionConfig, hf_vocab: int | None = None) -> 
             "mm_projector_type": PROJECTOR_TYPE, "mm_hidden_size": cfg.projector_input_size,
             "mm_vision_select_layer": v.select_layer,
             "mm_vision_select_feature": "patch" if v.drop_first_token else "cls_patch",
-            "scales": list(cfg.s2_scales) if len(cfg.s2_scales) > 1 else None, "use_mm_proj": True,
+            "scales": list(cfg.s2_scales) if cfg.s2.is_s2 else None, "use_mm_proj": True,
             "vision_config": siglip_to_hf(v)}

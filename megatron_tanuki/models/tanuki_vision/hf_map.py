@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import re
 
-from megatron_tanuki.convert.transforms import Shape
+from megatron_tanuki.models.shapes import Shape
 from megatron_tanuki.models.tanuki import hf_map as llm_map
 from megatron_tanuki.models.tanuki.hf_map import Rule
 from megatron_tanuki.models.tanuki_vision.model import TanukiVisionConfig

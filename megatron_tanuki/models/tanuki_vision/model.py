@@ -14,28 +14,45 @@ from dataclasses import dataclass
 import torch
 from megatron.core.transformer.module import MegatronModule
 
-from megatron_tanuki.data.templates import IGNORE_INDEX, IMAGE_TOKEN_ID  # noqa: F401 (re-exported)
+from megatron_tanuki.data.templates import (  # noqa: F401 (re-exported: expand_image_tokens lives in data/)
+    IGNORE_INDEX, IMAGE_TOKEN_ID, expand_image_tokens)
 from megatron_tanuki.models.tanuki.config import TanukiConfig
-from megatron_tanuki.models.vision.s2 import s2_features
+from megatron_tanuki.models.vision.s2 import S2Geometry, s2_features
 from megatron_tanuki.models.vision.siglip import SiglipConfig
 
 
 @dataclass(frozen=True)
 class TanukiVisionConfig:
+    """``s2_scales`` as in LLaVA-JP's config.json ((1.0,) = ``scales: null``). Every S2 number (input
+    size, token grid, tower runs) comes from :attr:`s2`; ``s2_grid`` is filled in from it and, when
+    given (a checkpoint's tanuki.json), must agree with it."""
+
     name: str
     llm: TanukiConfig
     vision: SiglipConfig
     s2_scales: tuple[float, ...] = (1.0, 0.5)
-    s2_grid: tuple[int, int] = (26, 28)  # how the tower's features are laid out (728 = 26 x 28)
+    s2_grid: tuple[int, int] | None = None  # derived: how the tower's tokens are laid out (728 = 26 x 28)
+
+    def __post_init__(self):
+        object.__setattr__(self, "s2_scales", tuple(float(s) for s in self.s2_scales))
+        grid = self.s2.grid  # raises S2GeometryError for a geometry LLaVA-JP cannot run
+        if self.s2_grid is not None and tuple(self.s2_grid) != grid:
+            raise ValueError(f"{self.name}: s2_grid {list(self.s2_grid)} disagrees with the {grid[0]} x {grid[1]} "
+                             f"grid derived from the tower ({self.vision.num_features} tokens per tile)")
+        object.__setattr__(self, "s2_grid", grid)
+
+    @property
+    def s2(self) -> S2Geometry:
+        return S2Geometry.for_tower(self.vision.image_size, self.vision.num_features, self.s2_scales)
 
     @property
     def image_size(self) -> int:
-        """Input resolution: the tile size times the largest scale's tiles per side (768 for S2)."""
-        return int(self.vision.image_size * max(self.s2_scales) * (2 if len(self.s2_scales) > 1 else 1))
+        """Input resolution, as LLaVA-JP sets it: the tower's tile times the number of scales."""
+        return self.s2.input_size
 
     @property
     def num_image_tokens(self) -> int:
-        return self.s2_grid[0] * self.s2_grid[1]
+        return self.s2.output_tokens
 
     @property
     def projector_input_size(self) -> int:
@@ -46,6 +63,7 @@ class TanukiVisionConfig:
         return self.llm.is_moe
 
     def replace(self, **changes) -> "TanukiVisionConfig":
+        changes.setdefault("s2_grid", None)  # re-derived for the new tower / scales
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict:
@@ -55,25 +73,12 @@ class TanukiVisionConfig:
     def from_dict(cls, d: dict) -> "TanukiVisionConfig":
         d = {k: v for k, v in d.items() if k != "kind"}
         return cls(name=d["name"], llm=TanukiConfig(**d["llm"]), vision=SiglipConfig(**d["vision"]),
-                   s2_scales=tuple(d["s2_scales"]), s2_grid=tuple(d["s2_grid"]))
+                   s2_scales=tuple(d["s2_scales"]), s2_grid=tuple(d["s2_grid"]) if d.get("s2_grid") else None)
 
 
 def projector_parameter_count(cfg: TanukiVisionConfig) -> int:
     h = cfg.llm.hidden_size
     return cfg.projector_input_size * h + h + h * h + h
-
-
-def expand_image_tokens(ids: list[int], labels: list[int] | None, num_image_tokens: int):
-    """Each IMAGE_TOKEN_ID becomes ``num_image_tokens`` of them; their labels are ignored."""
-    out_ids, out_labels = [], []
-    for i, t in enumerate(ids):
-        if t == IMAGE_TOKEN_ID:
-            out_ids += [IMAGE_TOKEN_ID] * num_image_tokens
-            out_labels += [IGNORE_INDEX] * num_image_tokens
-        else:
-            out_ids.append(t)
-            out_labels.append(labels[i] if labels is not None else t)
-    return out_ids, out_labels
 
 
 class TanukiVisionModel(MegatronModule):
@@ -111,8 +116,7 @@ class TanukiVisionModel(MegatronModule):
     def image_features(self, images: torch.Tensor) -> torch.Tensor:
         """[n, 3, S, S] normalized pixels -> [n, num_image_tokens, hidden]."""
         with torch.no_grad():
-            feats = s2_features(self.vision_model, images, self.cfg.s2_scales, self.cfg.vision.image_size,
-                                self.cfg.s2_grid)
+            feats = s2_features(self.vision_model, images, self.cfg.s2)
         return self.vision_projection(feats)
 
     def forward(self, input_ids, position_ids, attention_mask, images=None, labels=None, **kwargs):
