@@ -110,7 +110,7 @@ def vlm_config(preset: str, on_gpu: bool):
     from megatron_tanuki.models.vision import siglip
 
     p = registry.get_preset(preset)
-    if isinstance(p, TanukiVisionConfig):
+    if registry.architecture_of(p) is registry.TANUKI_VISION:
         return p
     return TanukiVisionConfig(f"{preset}-vision", p, siglip.SIGLIP_SO400M if on_gpu else siglip.SIGLIP_TINY)
 

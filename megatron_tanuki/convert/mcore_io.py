@@ -51,16 +51,14 @@ def model_layout(cfg, dtype: torch.dtype):
     """(sharded_state_dict with factories applied, {param name: [Piece]}) of a meta TP=1 model."""
     from megatron.core.dist_checkpointing.mapping import ShardedTensor, apply_factories
 
-    from megatron_tanuki.models.tanuki.builder import BuildOptions, build_model
-    from megatron_tanuki.models.tanuki_vision.builder import build_vlm
-    from megatron_tanuki.models.tanuki_vision.model import TanukiVisionConfig
+    from megatron_tanuki.models import registry
+    from megatron_tanuki.models.tanuki.builder import BuildOptions
     from megatron_tanuki.runtime.distributed import ParallelLayout, init_single_process
 
-    vlm = isinstance(cfg, TanukiVisionConfig)
-    init_single_process(ParallelLayout(), cfg.llm if vlm else cfg)
+    init_single_process(ParallelLayout(), registry.language_model(cfg))
     name = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
     opts = BuildOptions(dtype=name, perform_initialization=False)
-    model = (build_vlm if vlm else build_model)(cfg, ParallelLayout(), opts, device="meta")[0]
+    model = registry.build(cfg, ParallelLayout(), opts, device="meta")[0]
     sharded = model.sharded_state_dict()
     apply_factories(sharded)
     pieces: dict[str, list[Piece]] = {}

@@ -189,6 +189,7 @@ def hf_reference_logits(hf_dir: str, ids: torch.Tensor, dtype: torch.dtype = tor
     from transformers.utils import logging as hf_logging
 
     from megatron_tanuki.convert.safetensors_io import HFCheckpoint
+    from megatron_tanuki.models.tanuki import hf_map
     from megatron_tanuki.models.tanuki.hf_config import from_hf_config
 
     src = HFCheckpoint(hf_dir)
@@ -206,8 +207,9 @@ def hf_reference_logits(hf_dir: str, ids: torch.Tensor, dtype: torch.dtype = tor
         model, info = model_cls.from_pretrained(hf_dir, dtype=dtype, output_loading_info=True, **extra)
     finally:
         hf_logging.set_verbosity(level)
-    unexpected = [k for k in info["unexpected_keys"]
-                  if not (layers and (m := _HF_LAYER.match(k)) and int(m.group(1)) >= layers)]
+    skipped = [re.compile(p) for p in hf_map.IGNORED_HF]  # tensors conversion skips too (rotary buffers)
+    unexpected = [k for k in info["unexpected_keys"] if not any(p.fullmatch(k) for p in skipped)
+                  and not (layers and (m := _HF_LAYER.match(k)) and int(m.group(1)) >= layers)]
     bad = {"missing": sorted(info["missing_keys"]), "unexpected": sorted(unexpected),
            "mismatched": sorted(str(k) for k in info["mismatched_keys"])}
     if any(bad.values()):
@@ -226,7 +228,7 @@ def _vlm_reference_logits(hf_dir, vision_dir, cfg, raw_ids, images, dtype, layer
     total = sum(src.nbytes(n) for n in view.names())
     with byte_progress(total, "verify: reading the HF weights") as bar:
         view.bar = bar
-        ref = LlavaJpReference.from_source(cfg, view).to(dtype)
+        ref = LlavaJpReference.from_source(first_layers(cfg, layers), view).to(dtype)
     with torch.no_grad():
         return ref(raw_ids, images.to(dtype)).float()
 
@@ -340,6 +342,8 @@ def _rank_logits(ckpt: str, layout: dict, ids: torch.Tensor, images: torch.Tenso
 def verify(hf_dir: str, ckpt: str, tp: int = 1, pp: int = 1, ep: int = 1, text: str | None = None,
            tolerance: float | None = None, image: str | None = None, vision_dir: str | None = None,
            dtype: str = "fp32", layers: int | None = None, memory_budget_gb: float | None = None) -> dict:
+    """Logits of ``ckpt`` under TP/PP/EP against transformers on ``hf_dir``; the result says what was
+    compared (dtype, layers, inputs), the max |logit diff|, top-1 agreement and ``ok``."""
     from megatron_tanuki.convert.sources import open_source
     from megatron_tanuki.models.tanuki_vision.model import expand_image_tokens
     from megatron_tanuki.runtime.distributed import ParallelLayout

@@ -65,7 +65,7 @@ def pretrain_and_assemble(preset: str, llm_ckpt: str, stage1_json: str, image_fo
     g = torch.Generator().manual_seed(seed)
 
     def logits(x):
-        feats = s2_features(tower, x.float(), cfg.s2_scales, cfg.vision.image_size, cfg.s2_grid)
+        feats = s2_features(tower, x.float(), cfg.s2)
         colour, shape_mean = what(feats.mean(1)).split(sizes[:2], dim=-1)
         shape, position = where(feats.flatten(1)).split(sizes[1:], dim=-1)
         return colour, shape, position, shape_mean

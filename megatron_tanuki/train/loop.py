@@ -34,40 +34,31 @@ class _Stop:
 
 
 def _model_config(cfg: RunConfig):
-    from megatron_tanuki.models.registry import get_preset
-    from megatron_tanuki.models.tanuki_vision.model import TanukiVisionConfig
-
-    import dataclasses
-
+    """The preset with ``model.overrides`` applied; the mode must be one its architecture trains."""
+    from megatron_tanuki.models import registry
     from megatron_tanuki.train.config import ConfigError
 
-    preset = get_preset(cfg.model.preset)
-    llm = preset.llm if isinstance(preset, TanukiVisionConfig) else preset
-    unknown = sorted(set(cfg.model.overrides) - {f.name for f in dataclasses.fields(llm)})
-    if unknown:
-        raise ConfigError(f"model.overrides: unknown field(s) {unknown} for {cfg.model.preset}; known: "
-                          f"{', '.join(f.name for f in dataclasses.fields(llm) if f.name != 'name')}")
-    if isinstance(preset, TanukiVisionConfig):
-        return preset.replace(llm=preset.llm.replace(**cfg.model.overrides)) if cfg.model.overrides else preset
-    if cfg.train.mode.startswith("vlm"):
-        raise ValueError(f"train.mode {cfg.train.mode} needs a tanuki-vision preset, got {cfg.model.preset}")
-    return preset.replace(**cfg.model.overrides) if cfg.model.overrides else preset
+    preset = registry.get_preset(cfg.model.preset)
+    arch = registry.architecture_of(preset)
+    if cfg.train.mode not in arch.modes:
+        raise ConfigError(f"train.mode {cfg.train.mode} is not for {cfg.model.preset} ({arch.name} trains "
+                          f"{', '.join(arch.modes)})")
+    try:
+        return registry.with_overrides(preset, cfg.model.overrides)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
 def _build(cfg: RunConfig, mcfg, layout):
-    from megatron_tanuki.models.tanuki.builder import BuildOptions, build_model
-    from megatron_tanuki.models.tanuki_vision.builder import build_vlm
-    from megatron_tanuki.models.tanuki_vision.model import TanukiVisionConfig
+    from megatron_tanuki.models import registry
+    from megatron_tanuki.models.tanuki.builder import BuildOptions
 
     m = cfg.model
     opts = BuildOptions(dtype=m.dtype, fp8=m.fp8, recompute_granularity=m.recompute_granularity,
                         recompute_num_layers=m.recompute_num_layers, moe_aux_loss_coeff=m.moe_aux_loss_coeff)
-    if isinstance(mcfg, TanukiVisionConfig):
-        chunks = build_vlm(mcfg, layout, opts)
-        for c in chunks:
-            c.set_trainable(projector=True, language_model=cfg.train.mode == "vlm_stage2")
-        return chunks
-    return build_model(mcfg, layout, opts)
+    chunks = registry.build(mcfg, layout, opts)
+    registry.architecture_of(mcfg).set_mode(chunks, cfg.train.mode)
+    return chunks
 
 
 def _saved_lrs(path: str | None, t) -> tuple[float, float]:
@@ -155,9 +146,9 @@ def _data(cfg: RunConfig, mcfg, log):
 
 
 def _flops_per_row(mcfg, seq: int, images: int) -> float:
-    from megatron_tanuki.models.flops import flops_per_row
+    from megatron_tanuki.models.registry import architecture_of
 
-    return flops_per_row(mcfg, seq, images)
+    return architecture_of(mcfg).flops_per_row(mcfg, seq, images)
 
 
 def _all_reduce(t: torch.Tensor, group=None) -> torch.Tensor:
@@ -197,7 +188,9 @@ def train(cfg: RunConfig) -> dict:
     from megatron_tanuki.train.step import forward_backward, wrap_ddp
 
     mcfg = _model_config(cfg)
-    llm = getattr(mcfg, "llm", mcfg)
+    from megatron_tanuki.models.registry import language_model
+
+    llm = language_model(mcfg)
     layout = ParallelLayout(**vars(cfg.parallel))
     env = init_distributed(layout, llm, seed=cfg.train.seed)
     rank0 = env.rank == 0
@@ -247,6 +240,7 @@ def train(cfg: RunConfig) -> dict:
         if t.override_lr_scheduler:  # the scheduler reads each group's max_lr / min_lr first
             for group in opt.param_groups:
                 group["max_lr"], group["min_lr"] = t.lr, t.min_lr
+            sched.step(increment=0)  # the next update already uses them
         say(_schedule_report(cfg, sched, wanted))
 
     n_trainable = sum(p.numel() for c in chunks for p in c.parameters() if p.requires_grad)

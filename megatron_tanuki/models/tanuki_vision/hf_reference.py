@@ -84,7 +84,7 @@ class LlavaJpReference(nn.Module):
             hidden = self.vision_tower(pixel_values=x, output_hidden_states=True).hidden_states[v.select_layer]
             return hidden[:, 1:] if v.drop_first_token else hidden
 
-        return self.mm_projector(s2_features(tower, images, self.cfg.s2_scales, v.image_size, self.cfg.s2_grid))
+        return self.mm_projector(s2_features(tower, images, self.cfg.s2))
 
     def forward(self, ids: list[int], images: torch.Tensor | None = None) -> torch.Tensor:
         """One sequence with its ``<image>`` placeholders (unexpanded) -> logits [1, s, vocab]."""

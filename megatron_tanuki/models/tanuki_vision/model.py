@@ -102,6 +102,19 @@ class TanukiVisionModel(MegatronModule):
             emb.scatter_to_sequence_parallel = False
             emb.reduce_scatter_embeddings = emb.word_embeddings.reduce_scatter_embeddings = False
 
+    # megatron-core's finalize_model_grads looks for the module with ``pre_process`` (this one) and
+    # asks it about tied embeddings on the first/last pipeline stages (PP > 1): answer for the LLM.
+    @property
+    def share_embeddings_and_output_weights(self) -> bool:
+        return self.language_model.share_embeddings_and_output_weights
+
+    @property
+    def post_process(self) -> bool:
+        return self.language_model.post_process
+
+    def shared_embedding_or_output_weight(self):
+        return self.language_model.shared_embedding_or_output_weight()
+
     def set_input_tensor(self, input_tensor) -> None:
         self.language_model.set_input_tensor(input_tensor)
 
