@@ -85,8 +85,11 @@ def _tanuki(*args) -> str:
 
 def train_resume_export(out: str) -> str:
     """`tanuki train` one packed step, resume one more, export to LLaVA-JP, verify against transformers."""
+    import shutil
+
     from megatron_tanuki.demo.shapes import generate
 
+    shutil.rmtree(os.path.join(out, "run"), ignore_errors=True)  # a rerun must train again
     data = generate(os.path.join(out, "data"), n_train=16, n_heldout=2, log=lambda *a: None)
     common = ["--nproc", "1", f"data.train=[{data['stage2']}]", f"data.image_folder={data['images']}",
               "model.init_checkpoint=null", "parallel.ep=1", "train.global_batch_size=4", "train.micro_batch_size=2",

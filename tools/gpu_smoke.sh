@@ -19,6 +19,7 @@ if ! "$PYTHON" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() el
   exit 2
 fi
 mkdir -p "$OUT"
+export NVIDIA_TF32_OVERRIDE=0   # fp32 parity (verify) must not run its GEMMs / convolutions in TF32
 status=0
 backends=(local)
 "$PYTHON" -c "import transformer_engine.pytorch" 2>/dev/null && backends+=(te)

@@ -27,12 +27,12 @@ from megatron_tanuki.convert.safetensors_io import CheckpointError, HFCheckpoint
 from megatron_tanuki.convert.sources import open_source
 from megatron_tanuki.models.checkpoint_meta import DTYPE_NAMES as _DTYPE_NAMES
 from megatron_tanuki.models.checkpoint_meta import META_FILE, meta_json, read_meta, write_meta  # noqa: F401
+from megatron_tanuki.models import registry
 from megatron_tanuki.models.tanuki import hf_map
 from megatron_tanuki.models.tanuki.config import TanukiConfig
 from megatron_tanuki.models.tanuki.hf import AUTO_MAP, HF_DIR, REMOTE_CODE_FILES
-from megatron_tanuki.models.tanuki.hf_config import from_hf_config, to_hf_config
-from megatron_tanuki.models.tanuki_vision import hf_map as vlm_map
-from megatron_tanuki.models.tanuki_vision.hf_config import siglip_to_hf, to_llava_jp_config
+from megatron_tanuki.models.tanuki.hf_config import from_hf_config
+from megatron_tanuki.models.tanuki_vision.hf_config import siglip_to_hf
 from megatron_tanuki.models.tanuki_vision.model import TanukiVisionConfig
 
 HF_SIDE_DIR = "hf"
@@ -63,21 +63,16 @@ def shape_info(cfg: TanukiConfig, hf_vocab: int) -> transforms.Shape:
 
 
 def bound_rules(cfg, hf_vocab: int):
-    """(Rule, Shape) pairs of the architecture, in streaming order."""
-    if isinstance(cfg, TanukiVisionConfig):
-        yield from vlm_map.rules(cfg, hf_vocab)
-        return
-    shape = shape_info(cfg, hf_vocab)
-    for rule in hf_map.rules(cfg.num_layers, cfg.num_experts):
-        yield rule, shape
+    """(Rule, Shape) pairs of the architecture, in streaming order (its registry record's table)."""
+    yield from registry.architecture_of(cfg).hf_rules(cfg, hf_vocab)
 
 
 def _llm(cfg) -> TanukiConfig:
-    return cfg.llm if isinstance(cfg, TanukiVisionConfig) else cfg
+    return registry.language_model(cfg)
 
 
 def _is_carried(cfg, name: str) -> bool:
-    return isinstance(cfg, TanukiVisionConfig) and vlm_map.is_carried(name, cfg)
+    return registry.architecture_of(cfg).is_carried(name, cfg)
 
 
 def expected_hf_shapes(cfg, hf_vocab: int, mcore_shapes: dict) -> dict[str, tuple]:
@@ -179,9 +174,7 @@ def hf_config_for_export(ckpt: str, cfg, hf_vocab: int) -> dict:
         if isinstance(cfg, TanukiVisionConfig) and "vision_config" not in hf:
             hf["vision_config"] = siglip_to_hf(cfg.vision)  # self-contained: no hub lookup to re-import
         return hf
-    if isinstance(cfg, TanukiVisionConfig):
-        return to_llava_jp_config(cfg, hf_vocab)
-    return to_hf_config(cfg, hf_vocab)
+    return registry.architecture_of(cfg).hf_config_out(cfg, hf_vocab)
 
 
 def write_hf_side(folder: str, hf_config: dict, cfg, side_files=()) -> None:

@@ -35,6 +35,7 @@ import torch
 
 from megatron_tanuki.convert.engine import HF_SIDE_DIR, byte_progress
 from megatron_tanuki.models.checkpoint_meta import read_meta
+from megatron_tanuki.models import registry
 
 DEFAULT_TEXT = "たぬきは日本の森に住む動物で、夜になると食べ物を探しに出かけます。"
 DEFAULT_VLM_TEXT = "<image>\nこの画像について説明してください。赤い円があります。"
@@ -116,11 +117,11 @@ def first_layers(cfg, n: int | None):
     """``cfg`` with the language model cut to its first ``n`` decoder layers (None: unchanged)."""
     if n is None:
         return cfg
-    llm = getattr(cfg, "llm", cfg)
+    arch = registry.architecture_of(cfg)
+    llm = arch.language_model(cfg)
     if not 1 <= n <= llm.num_layers:
         raise VerifyError(f"verify --layers {n}: the checkpoint has {llm.num_layers} layers")
-    small = dataclasses.replace(llm, num_layers=n)
-    return dataclasses.replace(cfg, llm=small) if hasattr(cfg, "llm") else small
+    return arch.with_language_model(cfg, dataclasses.replace(llm, num_layers=n))
 
 
 class _FirstLayers:
@@ -149,7 +150,7 @@ def memory_estimate(shapes: dict, cfg, dtype: torch.dtype, layers: int, ep: int,
     rank. The Tanuki-vision reference is assembled in fp32 from an fp32 state dict (two copies),
     whatever ``dtype``.
     """
-    llm_layers = getattr(cfg, "llm", cfg).num_layers
+    llm_layers = registry.language_model(cfg).num_layers
     base = layer_dense = layer_expert = 0
     for name, shape in shapes.items():
         numel = math.prod(shape)
@@ -160,7 +161,7 @@ def memory_estimate(shapes: dict, cfg, dtype: torch.dtype, layers: int, ep: int,
         else:
             layer_dense += numel
     per = torch.empty((), dtype=dtype).element_size()
-    vlm = hasattr(cfg, "llm")
+    vlm = registry.architecture_of(cfg) is registry.TANUKI_VISION
     hf = (base + layers * (layer_dense + layer_expert) / llm_layers) * (8 if vlm else per)
     mc = (base + layers * (layer_dense * ep + layer_expert) / llm_layers) * per
     return (1.1 * max(hf, mc)) / 1e9 + _PROCESS_GB * (world + 1)
@@ -168,7 +169,7 @@ def memory_estimate(shapes: dict, cfg, dtype: torch.dtype, layers: int, ep: int,
 
 def layers_for_budget(shapes: dict, cfg, dtype, budget_gb: float, pp: int, ep: int, world: int) -> int:
     """The most layers (a multiple of PP) whose estimated peak fits ``budget_gb``."""
-    total = getattr(cfg, "llm", cfg).num_layers
+    total = registry.language_model(cfg).num_layers
     fits = [n for n in range(pp, total + 1, pp) if memory_estimate(shapes, cfg, dtype, n, ep, world) <= budget_gb]
     if not fits:
         need = memory_estimate(shapes, cfg, dtype, pp, ep, world)
@@ -300,8 +301,8 @@ def load_checkpoint(chunks, ckpt: str, stored_layers: int | None = None, progres
             # whole-tensor coverage check (a collective) is off; the strict load_state_dict below
             # checks that every parameter came.
             state = dist_checkpointing.load(g, ckpt, validate_access_integrity=False)
-            for k, v in state.items():
-                loaded[k].update(v)
+            for k in g:  # (a training checkpoint's common state comes back too: not ours)
+                loaded[k].update(state[k])
             bar.update(size)
     for i, c in enumerate(chunks):
         c.load_state_dict(loaded[f"chunk{i}"], strict=True)
@@ -314,20 +315,20 @@ def _rank_logits(ckpt: str, layout: dict, ids: torch.Tensor, images: torch.Tenso
     from megatron.core import parallel_state
 
     from megatron_tanuki.inference.logits import forward_logits
-    from megatron_tanuki.models.tanuki.builder import BuildOptions, build_model
-    from megatron_tanuki.models.tanuki_vision.builder import build_vlm
+    from megatron_tanuki.models.tanuki.builder import BuildOptions
     from megatron_tanuki.runtime.distributed import ParallelLayout, init_distributed
 
     full, _, hf_vocab = read_meta(ckpt)
     cfg = first_layers(full, layers)
-    vlm = hasattr(cfg, "llm")
     par = ParallelLayout(**layout)
-    env = init_distributed(par, cfg.llm if vlm else cfg)
+    env = init_distributed(par, registry.language_model(cfg))
+    if dtype == "fp32" and torch.cuda.is_available():  # fp32 parity: no TF32 GEMMs or convolutions
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     if env.rank == 0:
         _say(f"building the megatron-core model ({par.describe()}, {dtype}) on {env.world_size} rank(s)")
-    chunks = (build_vlm if vlm else build_model)(cfg, par, BuildOptions(dtype=dtype, perform_initialization=False))
+    chunks = registry.build(cfg, par, BuildOptions(dtype=dtype, perform_initialization=False))
     t0 = time.perf_counter()
-    load_checkpoint(chunks, ckpt, stored_layers=getattr(full, "llm", full).num_layers if layers else None,
+    load_checkpoint(chunks, ckpt, stored_layers=registry.language_model(full).num_layers if layers else None,
                     progress=env.rank == 0)
     if env.rank == 0:
         _say(f"checkpoint loaded in {time.perf_counter() - t0:.1f} s; forward")
@@ -345,7 +346,7 @@ def verify(hf_dir: str, ckpt: str, tp: int = 1, pp: int = 1, ep: int = 1, text: 
     """Logits of ``ckpt`` under TP/PP/EP against transformers on ``hf_dir``; the result says what was
     compared (dtype, layers, inputs), the max |logit diff|, top-1 agreement and ``ok``."""
     from megatron_tanuki.convert.sources import open_source
-    from megatron_tanuki.models.tanuki_vision.model import expand_image_tokens
+    from megatron_tanuki.data.templates import expand_image_tokens
     from megatron_tanuki.runtime.distributed import ParallelLayout
     from megatron_tanuki.runtime.spawn import run_ranks
 
@@ -353,8 +354,8 @@ def verify(hf_dir: str, ckpt: str, tp: int = 1, pp: int = 1, ep: int = 1, text: 
         raise VerifyError(f"verify --dtype {dtype!r}: one of {', '.join(_DTYPES)}")
     torch_dtype = _DTYPES[dtype]
     cfg, _, hf_vocab = read_meta(ckpt)
-    vlm = hasattr(cfg, "llm")
-    llm = cfg.llm if vlm else cfg
+    vlm = registry.architecture_of(cfg) is registry.TANUKI_VISION
+    llm = registry.language_model(cfg)
     layout = {"tp": tp, "pp": pp, "ep": ep, "sp": tp > 1 and cfg.is_moe}  # MoE with TP needs SP
     world = tp * pp * ep
     _, src = open_source(hf_dir, vision_dir)

@@ -29,7 +29,7 @@ def pretrain_and_assemble(preset: str, llm_ckpt: str, stage1_json: str, image_fo
     from megatron.core import dist_checkpointing
 
     from megatron_tanuki.convert.atomic import atomic_output_dir
-    from megatron_tanuki.convert.engine import META_FILE, meta_json
+    from megatron_tanuki.models.checkpoint_meta import META_FILE, meta_json
     from megatron_tanuki.data.images import load_image, preprocess
     from megatron_tanuki.data.tokenizer import TanukiTokenizer
     from megatron_tanuki.models.registry import get_preset

@@ -39,13 +39,21 @@ def _with_router(mlp_builder, router_cls):
     return functools.partial(mlp_builder.func, *mlp_builder.args, **keywords)
 
 
-def gpt_layer_spec(num_experts: int | None, router_cls=None, use_te: bool | None = None) -> ModuleSpec:
-    """The transformer layer spec for a Llama-style model, dense or MoE."""
+def gpt_layer_spec(num_experts: int | None, router_cls=None, use_te: bool | None = None,
+                   te_attention: bool = True) -> ModuleSpec:
+    """The transformer layer spec for a Llama-style model, dense or MoE.
+
+    ``te_attention=False`` keeps TE's fused linear layers but runs our SDPA core attention: TE has
+    no fp32 attention backend for packed (THD) sequences (its unfused backend refuses THD, flash
+    and fused need bf16/fp16), and fp32 runs (parity checks, small configs) still pack.
+    """
     if use_te is None:
         use_te = te_available()
     if use_te:
         spec = get_gpt_layer_with_transformer_engine_spec(
             num_experts=num_experts, moe_grouped_gemm=bool(num_experts))
+        if not te_attention:
+            spec.submodules.self_attention.submodules.core_attention = SDPAttention
     else:
         spec = get_gpt_layer_local_spec(num_experts=num_experts, normalization="RMSNorm")
         subs = spec.submodules

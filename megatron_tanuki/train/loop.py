@@ -62,17 +62,16 @@ def _build(cfg: RunConfig, mcfg, layout):
 
 
 def _saved_lrs(path: str | None, t) -> tuple[float, float]:
-    """(lr, min_lr) the checkpoint's optimizer was built with: megatron-core 0.19 matches saved
-    parameter groups by an identifier that includes ``max_lr`` / ``min_lr``, so the optimizer must
-    be rebuilt with them to load its state (the schedule is chosen afterwards)."""
-    import yaml
-
-    cfg_file = path and os.path.join(path, "config.yaml")
-    if not cfg_file or not os.path.isfile(cfg_file):
+    """(max_lr, min_lr) of the checkpoint's parameter groups: megatron-core 0.19 matches saved
+    groups by an identifier that includes them, so the optimizer is rebuilt with them to load its
+    state (the schedule is chosen afterwards). Read from the saved scheduler state, which holds the
+    values actually in force (a config.yaml may name an lr that was reported but not applied)."""
+    if not path:
         return t.lr, t.min_lr
-    with open(cfg_file, encoding="utf-8") as f:
-        saved = (yaml.safe_load(f) or {}).get("train", {})
-    return float(saved.get("lr", t.lr)), float(saved.get("min_lr", t.min_lr))
+    from megatron.core import dist_checkpointing
+
+    sched = dist_checkpointing.load_common_state_dict(path).get("scheduler", {})
+    return float(sched.get("max_lr", t.lr)), float(sched.get("min_lr", t.min_lr))
 
 
 def _optimizer(cfg: RunConfig, chunks, total_steps: int, group_lrs: tuple[float, float] | None = None):
@@ -200,14 +199,20 @@ def train(cfg: RunConfig) -> dict:
     dp_rank = parallel_state.get_data_parallel_rank()
     t = cfg.train
     rows_per_rank = t.global_batch_size // dp
+    if layout.sp and cfg.data.seq_length % layout.tp:
+        raise ValueError(f"data.seq_length {cfg.data.seq_length} is not divisible by TP={layout.tp}: sequence "
+                         f"parallelism splits every sequence across the TP ranks")
     if t.global_batch_size % (dp * t.micro_batch_size):
         raise ValueError(f"train.global_batch_size {t.global_batch_size} is not divisible by DP={dp} x "
                          f"micro_batch_size {t.micro_batch_size}")
 
+    say(f"[train] indexing {len(cfg.data.train)} data file(s) ({cfg.data.format}, seq {cfg.data.seq_length})")
     tok, stream, bad = _data(cfg, mcfg, log=lambda *a: print(f"[rank {env.rank}]", *a, flush=True) if rank0 else None)
     image_bad = type(bad)(limit=10**12, log=lambda *a: print(f"[rank {env.rank}]", *a, flush=True))
     total_steps = t.train_steps or max(1, int(t.epochs * stream.rows_per_epoch() / t.global_batch_size + 0.999))
 
+    say(f"[train] {len(stream.index)} records, {total_steps} steps; building {cfg.model.preset} "
+        f"({cfg.model.dtype}, {layout.describe()})")
     chunks = _build(cfg, mcfg, layout)
     init = cfg.model.init_checkpoint and ckpt.resolve(cfg.model.init_checkpoint)
     if init:

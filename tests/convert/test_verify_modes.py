@@ -177,3 +177,30 @@ def test_vlm_first_layer_in_bf16(tmp_path):
 
     # 32 ids and one image placeholder, expanded to the S2 grid's features
     assert res["tokens"] == 32 + read_meta(mc).config.num_image_tokens
+
+
+def test_slurm_convert_hands_verify_the_jobs_memory():
+    """slurm/convert.sh under DRY_RUN: --mem of the job (SLURM_MEM_PER_NODE, MB) becomes verify's budget;
+    --mem-per-cpu times the CPUs likewise; an explicit --layers is kept; conversion is unchanged."""
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+    def dry(*args, **env):
+        full = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+        r = subprocess.run(["bash", os.path.join(root, "slurm", "convert.sh"), *args], capture_output=True,
+                           text=True, env={**full, "DRY_RUN": "1", "SLURM_SUBMIT_DIR": root, **env}, cwd="/")
+        assert r.returncode == 0, r.stderr
+        return r.stdout.strip().splitlines()[-1], r.stderr
+
+    py = f"{root}/.venv/bin/python -m megatron_tanuki.cli convert"
+    out, err = dry("verify", "--hf", "a", "--ckpt", "b", SLURM_JOB_ID="7", SLURM_MEM_PER_NODE="32768")
+    assert out == f"{py} verify --hf a --ckpt b --memory-budget-gb 32"
+    assert "[slurm] verify: memory budget 32 GB (the job's memory)" in err
+    out, _ = dry("verify", "--hf", "a", "--ckpt", "b", SLURM_MEM_PER_CPU="4096", SLURM_CPUS_ON_NODE="8")
+    assert out == f"{py} verify --hf a --ckpt b --memory-budget-gb 32"
+    out, _ = dry("verify", "--hf", "a", "--ckpt", "b", "--layers", "4", SLURM_MEM_PER_NODE="32768")
+    assert out == f"{py} verify --hf a --ckpt b --layers 4"
+    out, _ = dry("hf-to-mcore", "--hf", "a", "--out", "b", SLURM_MEM_PER_NODE="32768")
+    assert out == f"{py} hf-to-mcore --hf a --out b"
+    free = int(next(ln.split()[1] for ln in open("/proc/meminfo") if ln.startswith("MemAvailable:"))) // 1048576
+    out, _ = dry("verify", "--hf", "a", "--ckpt", "b", LOCAL="1", SLURM_MEM_PER_NODE="32768")
+    assert out in (f"{py} verify --hf a --ckpt b --memory-budget-gb {g}" for g in (free - 1, free, free + 1))

@@ -48,6 +48,9 @@ def runs(tmp_path_factory):
     # packed THD batches through the pipeline schedule, and a changed LR on resume: kept (default)...
     out["d"] = train(STAGE2, *common, f"checkpoint.dir={base}/d", "parallel.pp=2", "train.lr=0.5",
                      summary=str(base / "d.json"))
+    # a second resume of that run (its config.yaml names lr 0.5, its optimizer groups the old lr)
+    out["d2"] = train(STAGE2, *common, f"checkpoint.dir={base}/d", "parallel.pp=2", "train.lr=0.5",
+                      "train.train_steps=5", summary=str(base / "d2.json"))
     # ...or applied with train.override_lr_scheduler=true
     out["e"] = train(STAGE2, *common, f"checkpoint.dir={base}/e", "train.lr=0.5", "train.override_lr_scheduler=true",
                      summary=str(base / "e.json"))
@@ -65,6 +68,7 @@ def test_changed_lr_on_resume_is_reported_and_applied_only_when_asked(runs):
     kept, applied = runs["d"]["stdout"], runs["e"]["stdout"]
     assert "[train] LR schedule: the checkpoint's: lr " in kept
     assert "this config asks for lr 0.5 -- not applied (set train.override_lr_scheduler=true to apply it)" in kept
+    assert len(runs["d2"]["losses"]) == 1 and "not applied" in runs["d2"]["stdout"]  # resumes again
     assert "[train] LR schedule: this config's (train.override_lr_scheduler=true): lr 0.5," in applied
     a, e = runs["a"]["losses"], runs["e"]["losses"]
     assert abs(e[0] - a[2]) <= 1e-4 * max(1.0, abs(a[2]))  # step 3's loss comes before the new LR acts
@@ -94,7 +98,7 @@ def test_resume_under_another_layout_continues_within_fp32_tolerance(runs):
 
 
 def _read(ckpt, names):
-    from megatron_tanuki.convert.engine import read_meta
+    from megatron_tanuki.models.checkpoint_meta import read_meta
     from megatron_tanuki.convert.mcore_io import CheckpointReader, model_layout
 
     cfg, dtype, _ = read_meta(ckpt)

@@ -141,7 +141,7 @@ def build_model(cfg: TanukiConfig, layout: ParallelLayout, opts: BuildOptions | 
         tcfg.perform_initialization = False
         tcfg.use_cpu_initialization = True
     layer_spec = specs.gpt_layer_spec(cfg.num_experts, TanukiRouter if cfg.router_standardize else None,
-                                      use_te=use_te)
+                                      use_te=use_te, te_attention=opts.dtype != "fp32")
     final_norm = specs.final_norm(use_te)
 
     chunks = []
