@@ -1,9 +1,13 @@
 """Packaging entry point for megatron_tanuki (console script `tanuki`)."""
+import re
+
 from setuptools import find_packages, setup
+
+VERSION = re.search(r'__version__ = "([^"]+)"', open("megatron_tanuki/__init__.py").read()).group(1)
 
 setup(
     name="megatron_tanuki",
-    version="0.1.0",
+    version=VERSION,  # one place: megatron_tanuki/__init__.py
     description="Tanuki Japanese LLMs (dense, MoE, vision) on NVIDIA Megatron-Core: train, convert, serve.",
     python_requires=">=3.12",
     packages=find_packages(include=["megatron_tanuki", "megatron_tanuki.*"]),

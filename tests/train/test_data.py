@@ -2,7 +2,6 @@
 import json
 
 import pytest
-import torch
 
 from megatron_tanuki.train.batches import collate
 from megatron_tanuki.data.records import BadRecords, RecordIndex, TooManyBadRecords
@@ -74,17 +73,23 @@ def test_packed_rows_keep_documents_apart(tmp_path):
     rows = stream.next_rows(3)
     assert all(len(r) <= 96 for r in rows) and sum(len(r.where) for r in rows) >= 4
     assert any(len(r.where) > 1 for r in rows)
+    lengths = [len(r) for r in rows]  # before padding
     b = collate(rows, 96, TOK.pad_id, None, BadRecords(10), packed=True)
+    assert b.attention_mask is None and b.tokens.shape == (1, 3 * 96)  # one THD sequence, no [s, s] mask
     row = rows[0]
     for d in set(row.docs):
         idx = [i for i, x in enumerate(row.docs) if x == d]
         assert b.position_ids[0, idx].tolist() == list(range(len(idx)))  # positions restart per sample
-    mask = b.attention_mask[0, 0]  # True = masked
-    docs = torch.tensor(row.docs + [-1] * (96 - len(row)))
-    for i in range(len(row)):
-        for j in range(len(row)):
-            assert bool(mask[i, j]) == bool(docs[i] != docs[j])
-    assert b.loss_mask[0, len(row):].sum() == 0  # padding carries no loss
+    # cu_seqlens: every sample's start and end, each row's padding one segment, rows laid end to end
+    want, offset = [0], 0
+    for r, n in zip(rows, lengths):
+        for d in sorted(set(r.docs[:n])):
+            want.append(offset + max(i for i, x in enumerate(r.docs[:n]) if x == d) + 1)
+        if n < 96:
+            want.append(offset + 96)
+        offset += 96
+    assert b.packed_seq_params.cu_seqlens_q.tolist() == want
+    assert b.loss_mask[0, lengths[0]:96].sum() == 0  # padding carries no loss
 
 
 def test_order_is_seeded_resumable_and_layout_free(tmp_path):

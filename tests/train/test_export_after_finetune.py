@@ -23,12 +23,22 @@ def _tanuki(*args):
     return r
 
 
-def _config(path, **sections):
+def _train_and_export(tmp_path, preset: str, overrides: dict, data: dict, mode: str) -> tuple[str, str]:
+    """`tanuki train` 2 steps (fp32) from tmp_path/ck, then `convert mcore-to-hf`: (trained, exported)."""
     import yaml
 
-    with open(path, "w") as f:
-        yaml.safe_dump(sections, f)
-    return str(path)
+    cfg = tmp_path / "run.yaml"
+    with open(cfg, "w") as f:
+        yaml.safe_dump({"model": {"preset": preset, "dtype": "fp32", "init_checkpoint": str(tmp_path / "ck"),
+                                  "overrides": overrides},
+                        "data": {**data, "pack": True},
+                        "train": {"mode": mode, "global_batch_size": 2, "micro_batch_size": 1, "train_steps": 2,
+                                  "lr": 1e-3, "warmup_fraction": 0.0},
+                        "checkpoint": {"dir": str(tmp_path / "run")}, "log": {"tensorboard_dir": None}}, f)
+    _tanuki("train", str(cfg), "--nproc", "1")
+    trained, out = str(tmp_path / "run" / "iter_0000002"), str(tmp_path / "exported")
+    _tanuki("convert", "mcore-to-hf", "--ckpt", trained, "--out", out)
+    return trained, out
 
 
 def test_moe_sft_from_converted_checkpoint_exports_and_loads(tmp_path):
@@ -42,17 +52,9 @@ def test_moe_sft_from_converted_checkpoint_exports_and_loads(tmp_path):
             f.write(json.dumps({"messages": [{"role": "user", "content": f"{i}たす{i}は?"},
                                              {"role": "assistant", "content": f"{2 * i}です。"}]},
                                ensure_ascii=False) + "\n")
-    cfg = _config(tmp_path / "sft.yaml",
-                  model={"preset": "tanuki-8x8b-tiny", "dtype": "fp32", "init_checkpoint": str(tmp_path / "ck"),
-                         "overrides": {"num_layers": 2, "num_experts": 4, "max_position_embeddings": 256}},
-                  data={"format": "chat", "train": [str(data)], "seq_length": 64, "pack": True},
-                  train={"mode": "sft", "global_batch_size": 2, "micro_batch_size": 1, "train_steps": 2,
-                         "lr": 1e-3, "warmup_fraction": 0.0},
-                  checkpoint={"dir": str(tmp_path / "run")}, log={"tensorboard_dir": None})
-    _tanuki("train", cfg, "--nproc", "1")
-    trained = str(tmp_path / "run" / "iter_0000002")
-    out = str(tmp_path / "exported")
-    _tanuki("convert", "mcore-to-hf", "--ckpt", trained, "--out", out)
+    trained, out = _train_and_export(
+        tmp_path, "tanuki-8x8b-tiny", {"num_layers": 2, "num_experts": 4, "max_position_embeddings": 256},
+        {"format": "chat", "train": [str(data)], "seq_length": 64}, "sft")
 
     from transformers import AutoModelForCausalLM
 
@@ -76,18 +78,10 @@ def test_vlm_stage2_from_converted_llava_jp_exports_and_verifies(tmp_path):
     paths = tiny_llava.build(str(tmp_path / "src"), moe=False, dtype=torch.float32)
     _tanuki("convert", "hf-to-mcore", "--hf", paths["llava"], "--out", str(tmp_path / "ck"))
     data = generate(str(tmp_path / "data"), n_train=8, n_heldout=2, log=lambda *a: None)
-    cfg = _config(tmp_path / "s2.yaml",
-                  model={"preset": "tanuki-vision-8b-tiny", "dtype": "fp32", "init_checkpoint": str(tmp_path / "ck"),
-                         "overrides": {"num_layers": 2, "max_position_embeddings": 256}},
-                  data={"format": "llava", "train": [data["stage2"]], "image_folder": data["images"],
-                        "seq_length": 128, "pack": True},
-                  train={"mode": "vlm_stage2", "global_batch_size": 2, "micro_batch_size": 1, "train_steps": 2,
-                         "lr": 1e-3, "warmup_fraction": 0.0},
-                  checkpoint={"dir": str(tmp_path / "run")}, log={"tensorboard_dir": None})
-    _tanuki("train", cfg, "--nproc", "1")
-    trained = str(tmp_path / "run" / "iter_0000002")
-    out = str(tmp_path / "exported")
-    _tanuki("convert", "mcore-to-hf", "--ckpt", trained, "--out", out)
+    trained, out = _train_and_export(
+        tmp_path, "tanuki-vision-8b-tiny", {"num_layers": 2, "max_position_embeddings": 256},
+        {"format": "llava", "train": [data["stage2"]], "image_folder": data["images"], "seq_length": 128},
+        "vlm_stage2")
     config = json.load(open(os.path.join(out, "config.json")))
     assert config["vocab_size"] == 65024 and config["model_type"] == "llava-jp"
     r = verify(out, trained)
