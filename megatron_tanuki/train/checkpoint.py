@@ -73,12 +73,18 @@ def iterations(root: str) -> list[tuple[int, str]]:
 
 
 def to_remove(root: str, keep_last: int | None) -> list[str]:
-    """Checkpoint folders beyond the ``keep_last`` highest iterations, never the one ``latest``
-    names (after a rollback it can be older than the newest ones). Reads the folder, deletes nothing."""
+    """Checkpoint folders of the live run beyond its ``keep_last`` newest. The live run is ``latest``
+    and what came before it: after a manual rollback the newer folders of the abandoned line are
+    neither counted nor removed (a resumed run replaces each when it saves that step again).
+    Reads the folder, deletes nothing."""
     if not keep_last or keep_last < 1:
         return []
+    found = iterations(root)
     keep = latest_name(root)
-    return [name for _, name in iterations(root)[:-keep_last] if name != keep]
+    steps = {name: step for step, name in found}
+    if keep in steps:
+        found = [(step, name) for step, name in found if step <= steps[keep]]
+    return [name for _, name in found[:-keep_last] if name != keep]
 
 
 def prune(root: str, keep_last: int | None) -> list[str]:

@@ -24,10 +24,11 @@ def _run_folder(root, steps, latest, preset="tanuki-8x8b", mode="sft"):
 def test_retention_keeps_the_checkpoint_latest_points_at_after_a_rollback(tmp_path):
     # 100..300 saved; the user rolled `latest` back to 100, resumed, and step 150 was just saved
     root = _run_folder(tmp_path, [100, 200, 300, 150], latest=150)
-    assert ckpt.to_remove(root, 2) == ["iter_0000100"]  # old code (name order, latest ignored): 100 and 150
-    assert ckpt.to_remove(root, 1) == ["iter_0000100", "iter_0000200"]
+    # the live run is 100 -> 150 (latest); 200 and 300 belong to the abandoned line: not counted, not removed
+    assert ckpt.to_remove(root, 2) == []  # old code (name order, latest ignored): 100 and 150
+    assert ckpt.to_remove(root, 1) == ["iter_0000100"]  # old code: 100, 150 and 200
     assert ckpt.to_remove(root, None) == [] and ckpt.to_remove(root, 0) == []
-    assert ckpt.prune(root, 2) == ["iter_0000100"]
+    assert ckpt.prune(root, 1) == ["iter_0000100"]
     assert sorted(os.listdir(root)) == ["iter_0000150", "iter_0000200", "iter_0000300", "latest"]
     assert ckpt.resolve(root) == os.path.join(root, "iter_0000150")
 
