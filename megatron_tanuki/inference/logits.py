@@ -7,6 +7,8 @@ over tensor parallelism, and inputs go to the device the process group runs on. 
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.distributed as dist
 
@@ -48,7 +50,7 @@ def forward_logits(chunks, ids: torch.Tensor, position_ids: torch.Tensor | None 
         return out, collect
 
     its = [iter([None]) for _ in chunks]
-    with torch.no_grad():
+    with torch.no_grad(), _output_layer_on_last_position(chunks, last_only):
         store = get_forward_backward_func()(
             forward_step_func=step, data_iterator=its if len(chunks) > 1 else its[0],
             model=chunks if len(chunks) > 1 else chunks[0], num_microbatches=1, seq_length=ids.shape[1],
@@ -56,3 +58,20 @@ def forward_logits(chunks, ids: torch.Tensor, position_ids: torch.Tensor | None 
     if parallel_state.is_pipeline_last_stage(ignore_virtual=True) and store:
         return store[0]
     return None
+
+
+@contextlib.contextmanager
+def _output_layer_on_last_position(chunks, enabled: bool):
+    """With ``last_only``, the output layer sees only the last position's hidden state: decoding
+    needs one row of logits, and the full ``[b, s, vocab]`` (65024 wide) is most of a small model's
+    step. A forward pre-hook on each ``output_layer`` cuts its ``[s, b, h]`` input to ``[1, b, h]``."""
+    if not enabled:
+        yield
+        return
+    hooks = [m.register_forward_pre_hook(lambda _m, args: (args[0][-1:], *args[1:]))
+             for c in chunks for name, m in c.named_modules() if name.endswith("output_layer")]
+    try:
+        yield
+    finally:
+        for h in hooks:
+            h.remove()

@@ -8,6 +8,7 @@ image in reading order; later stages only run the language model.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from dataclasses import dataclass
 
@@ -128,9 +129,26 @@ class TanukiVisionModel(MegatronModule):
 
     def image_features(self, images: torch.Tensor) -> torch.Tensor:
         """[n, 3, S, S] normalized pixels -> [n, num_image_tokens, hidden]."""
+        cache = getattr(self, "_feature_cache", None)
+        if cache is not None and cache[0] is images:
+            return cache[1]
         with torch.no_grad():
             feats = s2_features(self.vision_model, images, self.cfg.s2)
-        return self.vision_projection(feats)
+        out = self.vision_projection(feats)
+        if cache is not None:
+            self._feature_cache = (images, out)
+        return out
+
+    @contextlib.contextmanager
+    def reusing_image_features(self):
+        """Inside the block, the features of the *same* images tensor are computed once: decoding
+        without a KV cache re-runs the prompt with the same images at every new token (no_grad use
+        only -- the projector's graph is not kept)."""
+        self._feature_cache = (None, None)
+        try:
+            yield
+        finally:
+            self._feature_cache = None
 
     def forward(self, input_ids, position_ids, attention_mask, images=None, labels=None, **kwargs):
         decoder_input = None
