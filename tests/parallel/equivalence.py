@@ -142,6 +142,19 @@ def check_grads(r: dict, num_params: int) -> None:
     assert r["max_grad_rel_max"] <= REL_TOL, r
 
 
+def layout_gradients(ddp, chunks, share, batches, build, path, ref_grads) -> dict:
+    """After this rank ran its ``share``: tokens per rank, DP replica agreement, and every
+    gradient -- saved as weights from the layout, loaded into one rank's shapes -- against the reference."""
+    tokens = [None] * dist.get_world_size()
+    dist.all_gather_object(tokens, sum(int(b.loss_mask.sum()) for b in share))
+    disagreement = dp_grad_disagreement(ddp)
+    grads_as_weights(ddp)
+    save(chunks, path)
+    grads = full_params(build, path)
+    return {"tokens_by_rank": tokens, "dp_size": len(batches) // len(share), "dp_grad_disagreement": disagreement,
+            **compare_grads(grads, ref_grads)}
+
+
 def full_params(build, path) -> dict:
     """Load a checkpoint into a reference-layout model and return name -> tensor."""
     setup_model_parallel(ParallelLayout())
@@ -194,15 +207,8 @@ def run(preset: str, layouts: dict[str, dict], aux_loss_coeff: float = 0.01, see
         ddp = wrap_ddp(chunks)
         share = dp_share(batches)
         loss = forward_backward(ddp, share, SEQ, MBS)
-        shares = [None] * dist.get_world_size()
-        dist.all_gather_object(shares, sum(int(b.loss_mask.sum()) for b in share))
-        disagreement = dp_grad_disagreement(ddp)
-        grads_as_weights(ddp)
-        save(chunks, f"{tmp}/grads-{name}")
-        grads = full_params(build, f"{tmp}/grads-{name}")
-        results[name] = {"ref_loss": ref_loss, "loss": loss, "tokens_by_rank": shares,
-                         "dp_size": len(batches) // len(share), "dp_grad_disagreement": disagreement,
-                         **sensitivity, **compare_grads(grads, ref_grads)}
+        results[name] = {"ref_loss": ref_loss, "loss": loss, **sensitivity,
+                         **layout_gradients(ddp, chunks, share, batches, build, f"{tmp}/grads-{name}", ref_grads)}
     dist.barrier()
     if dist.get_rank() == 0:
         shutil.rmtree(tmp, ignore_errors=True)

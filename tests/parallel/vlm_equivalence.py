@@ -22,8 +22,8 @@ from megatron_tanuki.models.tanuki.builder import BuildOptions
 from megatron_tanuki.models.tanuki_vision.builder import build_vlm
 from megatron_tanuki.runtime.distributed import ParallelLayout, init_distributed, setup_model_parallel
 from megatron_tanuki.train.step import Batch, forward_backward, wrap_ddp
-from tests.parallel.equivalence import (compare_grads, dp_grad_disagreement, dp_share, full_params,
-                                        grads_as_weights, load, save, shared_tmpdir, trainable_grads)
+from tests.parallel.equivalence import (dp_share, layout_gradients, load, save, shared_tmpdir,
+                                        trainable_grads)
 
 # text around one <image> per row; expanded (tiny presets: 15 image tokens) each row is 23 ids, 22
 # inputs: sequence parallelism needs the length divisible by TP
@@ -125,17 +125,10 @@ def run(preset: str, layouts: dict, backward_layouts: dict | None = None) -> dic
             load(chunks, f"{tmp}/weights", strict=True)
             share = dp_share(batches)
             ddp, loss = _train(chunks, share)
-            tokens = [None] * dist.get_world_size()
-            dist.all_gather_object(tokens, sum(int(b.loss_mask.sum()) for b in share))
-            disagreement = dp_grad_disagreement(ddp)
-            grads_as_weights(ddp)
-            save(chunks, f"{tmp}/grads-{name}")
-            grads = full_params(build, f"{tmp}/grads-{name}")
             results[f"backward_{name}"] = {
-                "ref_loss": ref_loss, "loss": loss, "tokens_by_rank": tokens,
-                "dp_size": len(batches) // len(share), "dp_grad_disagreement": disagreement,
+                "ref_loss": ref_loss, "loss": loss,
                 "num_frozen": len(frozen), "frozen_prefixes": sorted({n.split(".")[0] for n in frozen}),
-                **compare_grads(grads, ref_grads)}
+                **layout_gradients(ddp, chunks, share, batches, build, f"{tmp}/grads-{name}", ref_grads)}
     dist.barrier()
     if dist.get_rank() == 0:
         shutil.rmtree(tmp, ignore_errors=True)
