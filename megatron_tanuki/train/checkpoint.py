@@ -12,7 +12,9 @@ A checkpoint is written under ``.tmp-iter_...``, its files and folder are fsynce
 when every rank has finished; then ``latest`` is replaced (write, fsync, rename, fsync the folder),
 then old ones beyond ``keep_last`` are removed. A crash or power loss at any moment leaves ``latest``
 on a complete checkpoint. Retention orders checkpoints by iteration number (not by name) and never
-removes the one ``latest`` names, which after a manual rollback may be older than the newest ones.
+removes the one ``latest`` names. After a manual rollback (``latest`` pointed at an older one), the
+first save of the resumed run renames the newer checkpoints of the abandoned line to
+``abandoned-iter_...``: kept for the user, never counted or removed by ``keep_last``.
 The optimizer state is saved ``fully_reshardable``: it loads under another TP/PP/EP/DP layout.
 
 ``check_run_folder`` refuses a run folder saved by another model preset or training mode (a tiny
@@ -85,6 +87,26 @@ def to_remove(root: str, keep_last: int | None) -> list[str]:
     if keep in steps:
         found = [(step, name) for step, name in found if step <= steps[keep]]
     return [name for _, name in found[:-keep_last] if name != keep]
+
+
+def set_aside_abandoned(root: str) -> list[str]:
+    """Rename checkpoints newer than ``latest`` (a rolled-back run's abandoned line) to
+    ``abandoned-iter_...`` so retention never mistakes them for the live run's; returns the new names."""
+    keep = latest_name(root)
+    steps = {name: step for step, name in iterations(root)}
+    if keep not in steps:
+        return []
+    moved = []
+    for name, step in steps.items():
+        if step > steps[keep]:
+            target = f"abandoned-{name}"
+            if os.path.exists(os.path.join(root, target)):
+                shutil.rmtree(os.path.join(root, target))
+            os.rename(os.path.join(root, name), os.path.join(root, target))
+            moved.append(target)
+    if moved:
+        _fsync_dir(root)
+    return sorted(moved)
 
 
 def prune(root: str, keep_last: int | None) -> list[str]:
@@ -184,6 +206,7 @@ def save(root: str, step: int, chunks, optimizer, scheduler, common: dict, side:
         for src in side.get("copy", []):
             shutil.copytree(src, os.path.join(tmp, os.path.basename(src.rstrip("/"))))
         _fsync_tree(tmp)
+        set_aside_abandoned(root)
         if os.path.exists(final):
             shutil.rmtree(final)
         os.rename(tmp, final)

@@ -33,6 +33,19 @@ def test_retention_keeps_the_checkpoint_latest_points_at_after_a_rollback(tmp_pa
     assert ckpt.resolve(root) == os.path.join(root, "iter_0000150")
 
 
+def test_abandoned_line_is_set_aside_at_the_first_save_after_a_rollback(tmp_path):
+    # 100, 200, 300 saved; `latest` rolled back to 100; the resumed run saves at other steps
+    root = _run_folder(tmp_path, [100, 200, 300], latest=100)
+    assert ckpt.set_aside_abandoned(root) == ["abandoned-iter_0000200", "abandoned-iter_0000300"]
+    for step in (150, 250):  # what save() publishes next
+        os.makedirs(os.path.join(root, ckpt.iter_name(step)))
+        ckpt.write_latest(root, ckpt.iter_name(step))
+        assert ckpt.set_aside_abandoned(root) == []
+    assert ckpt.to_remove(root, 2) == ["iter_0000100"]  # the live 150 stays; without setting aside: 100, 150
+    assert sorted(os.listdir(root)) == ["abandoned-iter_0000200", "abandoned-iter_0000300", "iter_0000100",
+                                        "iter_0000150", "iter_0000250", "latest"]
+
+
 def test_retention_orders_by_iteration_number_not_by_name(tmp_path):
     # past step 9,999,999 the folder name has 8 digits and sorts before "iter_9999999" as text
     root = _run_folder(tmp_path, [9_999_998, 9_999_999, 10_000_000], latest=10_000_000)
