@@ -57,18 +57,9 @@ def byte_progress(total_bytes: int, desc: str):
                 disable=disable, mininterval=0.5, dynamic_ncols=True)
 
 
-def shape_info(cfg: TanukiConfig, hf_vocab: int) -> transforms.Shape:
-    return transforms.Shape(cfg.num_attention_heads, cfg.num_query_groups, cfg.head_dim, hf_vocab,
-                            cfg.vocab_size)
-
-
 def bound_rules(cfg, hf_vocab: int):
     """(Rule, Shape) pairs of the architecture, in streaming order (its registry record's table)."""
     yield from registry.architecture_of(cfg).hf_rules(cfg, hf_vocab)
-
-
-def _llm(cfg) -> TanukiConfig:
-    return registry.language_model(cfg)
 
 
 def _is_carried(cfg, name: str) -> bool:
@@ -90,7 +81,7 @@ def _check_names(src, cfg, expected: dict) -> None:
     ignored = [re.compile(p) for p in hf_map.IGNORED_HF]
     unexpected = sorted(n for n in names - set(expected)
                         if not any(p.fullmatch(n) for p in ignored) and not _is_carried(cfg, n))
-    llm = _llm(cfg)
+    llm = registry.language_model(cfg)
     if llm.is_moe:
         found = {int(m.group(1)) for n in names
                  if (m := re.match(r"model\.layers\.\d+\.block_sparse_moe\.experts\.(\d+)\.", n))}

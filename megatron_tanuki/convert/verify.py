@@ -220,11 +220,10 @@ def hf_reference_logits(hf_dir: str, ids: torch.Tensor, dtype: torch.dtype = tor
         return model.eval()(ids).logits.float()
 
 
-def _vlm_reference_logits(hf_dir, vision_dir, cfg, raw_ids, images, dtype, layers) -> torch.Tensor:
-    from megatron_tanuki.convert.sources import open_source
+def _vlm_reference_logits(src, cfg, raw_ids, images, dtype, layers) -> torch.Tensor:
+    """``src``: the opened LLaVA-JP source (convert/sources.py), tower folder included."""
     from megatron_tanuki.models.tanuki_vision.hf_reference import LlavaJpReference
 
-    _, src = open_source(hf_dir, vision_dir)
     view = _FirstLayers(src, layers)
     total = sum(src.nbytes(n) for n in view.names())
     with byte_progress(total, "verify: reading the HF weights") as bar:
@@ -384,7 +383,7 @@ def verify(hf_dir: str, ckpt: str, tp: int = 1, pp: int = 1, ep: int = 1, text: 
 
         pil = load_image(image, "verify --image") if image else sample_image(cfg.image_size)
         images = preprocess(pil, cfg.image_size).unsqueeze(0).to(torch_dtype)
-        ref = _vlm_reference_logits(hf_dir, vision_dir, cfg, raw_ids, images, torch_dtype, layers)
+        ref = _vlm_reference_logits(src, cfg, raw_ids, images, torch_dtype, layers)
         ids = torch.tensor([expand_image_tokens(raw_ids, None, cfg.num_image_tokens)[0]])
     else:
         ids = torch.tensor([raw_ids])
