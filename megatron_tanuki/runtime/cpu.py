@@ -26,6 +26,14 @@ Redirected, and why:
   version scales the same gradients by the same ``max_norm / (total_norm + 1e-6)`` factor.
 * ``Tensor.cuda()`` / ``Module.cuda()`` -> no-ops (checkpoint exchange and optimizer reload call
   them); with no GPU there is nowhere else for a tensor to go.
+* The dynamic inference engine (continuous batching, ``inference/engine.py``):
+  ``pin_memory=True`` host buffers in the dynamic context and the text generation controller
+  (``_PINNED_HOST_BUFFERS`` see a ``torch`` view that drops the flag; ``Tensor.pin_memory()`` is
+  the identity) -- pinning needs a CUDA driver; the Triton KV-append kernel asserts CUDA tensors,
+  so ``dynamic_context.triton_append_key_value_cache`` is None and megatron-core takes its own
+  torch scatter; ``torch.cuda.memory_stats()`` (step logging) is an empty dict.
+  The attention kernel of the dynamic path is not a CPU matter: ``inference/attention_backend.py``
+  installs it on every machine without flash-attn.
 
 All of them are one table (:func:`_redirects`); :func:`activate` checks that every target exists
 before it replaces any, so a megatron-core rename fails by name instead of silently doing nothing.
@@ -53,6 +61,12 @@ _HARD_CODED_CUDA = (
     "megatron.core.distributed.param_and_grad_buffer",
     "megatron.core.dist_checkpointing.exchange_utils",
     "megatron.core.utils",
+)
+
+# megatron-core modules that allocate pinned host buffers (pinning needs a CUDA driver).
+_PINNED_HOST_BUFFERS = (
+    "megatron.core.inference.contexts.dynamic_context",
+    "megatron.core.inference.text_generation_controllers.text_generation_controller",
 )
 
 
@@ -106,9 +120,11 @@ def _cpu_device(device):
 
 
 def _module_torch_without_cuda(real_torch):
-    """A view of ``torch`` whose factory functions map device "cuda" to "cpu".
+    """A view of ``torch`` whose factory functions map device "cuda" to "cpu" and drop
+    ``pin_memory=True``.
 
-    Installed only as the ``torch`` global of megatron modules that hard-code ``device="cuda"``.
+    Installed only as the ``torch`` global of megatron modules that hard-code ``device="cuda"``
+    or allocate pinned host buffers.
     """
     view = types.ModuleType("torch")
     view.__dict__.update(real_torch.__dict__)
@@ -119,6 +135,7 @@ def _module_torch_without_cuda(real_torch):
         def wrapper(*args, __fn=fn, **kwargs):
             if "device" in kwargs:
                 kwargs["device"] = _cpu_device(kwargs["device"])
+            kwargs.pop("pin_memory", None)
             return __fn(*args, **kwargs)
 
         setattr(view, name, wrapper)
@@ -166,6 +183,10 @@ def _redirects() -> dict:
         "torch:Tensor.record_stream": lambda self, stream: None,
         "torch:Tensor.cuda": lambda self, *args, **kwargs: self,
         "torch:nn.Module.cuda": lambda self, *args, **kwargs: self,
+        "torch:Tensor.pin_memory": lambda self, *args, **kwargs: self,
+        "torch.cuda:memory_stats": lambda device=None: {},
+        # the Triton KV append asserts CUDA tensors; None selects megatron's torch scatter
+        "megatron.core.inference.contexts.dynamic_context:triton_append_key_value_cache": None,
         "megatron.core.tensor_parallel.random:_get_cuda_rng_state":
             lambda device=None, clone=False, graph_safe=False: torch.get_rng_state(),
         "megatron.core.tensor_parallel.random:_set_cuda_rng_state":
@@ -176,7 +197,7 @@ def _redirects() -> dict:
         "megatron.core.optimizer.optimizer:clip_grad_by_total_norm_fp32": _clip_grad_by_total_norm_fp32,
     }
     view = _module_torch_without_cuda(torch)
-    r.update({f"{name}:torch": view for name in _HARD_CODED_CUDA})
+    r.update({f"{name}:torch": view for name in _HARD_CODED_CUDA + _PINNED_HOST_BUFFERS})
     return r
 
 
