@@ -8,6 +8,9 @@
     tanuki convert verify --hf DIR --ckpt DIR [--tp N --pp N --ep N] [--dtype bf16] [--layers N]
                           [--memory-budget-gb GB] [--text T] [--image FILE] [--vision DIR] [--json]
     tanuki train CONFIG.yaml [key=value ...] [--nproc N] [--print-config]
+    tanuki generate --ckpt CKPT --input IN.jsonl --output OUT.jsonl [--tp N --pp N --ep N | --nproc N]
+                    [--max-tokens N --temperature T --top-p P --top-k K --seed S] [--chat NAME]
+                    [--stop STR ...] [--kv-memory-gb GB] [--score yes,no [--prompt-logprobs]] [--logprobs]
     tanuki upcycle --dense DIR --experts 8 --noise 0.001 --seed 0 --out DIR [--to hf|mcore]
 
 A user error is one line on stderr (exit 2); a crash also keeps its traceback in a
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from megatron_tanuki.runtime import crash
@@ -124,6 +128,24 @@ def cmd_upcycle(args) -> int:
     return 0
 
 
+def cmd_generate(args) -> int:
+    from megatron_tanuki.inference.generate import GenerateJob, run
+
+    job = GenerateJob(
+        ckpt=args.ckpt, input=args.input, output=args.output, tp=args.tp, pp=args.pp, ep=args.ep, nproc=args.nproc,
+        max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+        seed=args.seed, chat=args.chat, stop=tuple(args.stop or ()), logprobs=args.logprobs,
+        kv_memory_gb=args.kv_memory_gb, max_seq_len=args.max_seq_len, max_tokens_per_step=args.max_tokens_per_step,
+        score=tuple(w for w in (args.score or "").split(",") if w), prompt_logprobs=args.prompt_logprobs,
+        tokenizer=args.tokenizer, dtype=args.dtype)
+    args.run_dir = os.path.dirname(os.path.abspath(args.output))
+    r = run(job)[0]
+    print(f"tanuki generate: {r['requests']} request(s) ({r['errors']} error record(s)), "
+          f"{r['completion_tokens']} tokens in {r['steps']} engine steps, {r['seconds']} s; "
+          f"{r['skipped']} already in {args.output}; attention backend {r['backend']}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tanuki", description="Tanuki LLMs on Megatron-Core")
     p.add_argument("--version", action=_Version, nargs=0, help="versions of tanuki and its numerics stack")
@@ -179,6 +201,34 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--to", choices=["hf", "mcore"], default="hf")
     up.add_argument("--overwrite", action="store_true")
     up.set_defaults(func=cmd_upcycle)
+
+    g = sub.add_parser("generate", help="batched generation (continuous batching) for a JSONL of requests")
+    g.add_argument("--ckpt", required=True, help="a megatron_tanuki checkpoint (or a training run's folder)")
+    g.add_argument("--input", required=True, help='JSONL: {"id", "prompt" | "messages", ["image"], [sampling]}')
+    g.add_argument("--output", required=True, help="JSONL, appended; ids already in it are skipped (resume)")
+    for name in ("tp", "pp", "ep"):
+        g.add_argument(f"--{name}", type=int, default=1)
+    g.add_argument("--nproc", type=int, default=None, help="local ranks (default TP*PP*EP; more = data parallel)")
+    g.add_argument("--max-tokens", type=int, default=512)
+    g.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--seed", type=int, default=0, help="run seed; each request's seed = f(run seed, its id)")
+    g.add_argument("--chat", default=None, help="template: tanuki | llava-v1 | plain | none (raw text); "
+                   "default tanuki, llava-v1 for Tanuki-vision")
+    g.add_argument("--stop", nargs="+", default=None, help="stop strings (cut exactly; not in the text)")
+    g.add_argument("--logprobs", action="store_true", help="each generated token's log-probability")
+    g.add_argument("--kv-memory-gb", type=float, default=None,
+                   help="KV cache size per rank (default: half the free GPU memory; 1 GB on CPU)")
+    g.add_argument("--max-seq-len", type=int, default=None, help="prompt + completion (default: the model's)")
+    g.add_argument("--max-tokens-per-step", type=int, default=8192, help="tokens per forward (multiple of 64)")
+    g.add_argument("--score", default=None, help="comma-separated one-token answers: their probabilities at the "
+                   "end of each prompt, no generation (e.g. yes,no)")
+    g.add_argument("--prompt-logprobs", action="store_true", help="with --score: each prompt token's log-likelihood")
+    g.add_argument("--tokenizer", default=None, help="a .model file or a folder with tokenizer.json "
+                   "(default: the shipped Tanuki tokenizer)")
+    g.add_argument("--dtype", choices=["fp32", "bf16"], default=None, help="default: the checkpoint's")
+    g.set_defaults(func=cmd_generate)
 
     tr = sub.add_parser("train", help="pretrain / SFT / VLM stage 1-2 from a YAML config (examples/)")
     launch.add_arguments(tr)

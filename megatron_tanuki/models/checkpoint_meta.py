@@ -47,6 +47,24 @@ def write_meta(folder: str, cfg, dtype: torch.dtype, hf_vocab: int, source: str 
         f.write(meta_json(cfg, dtype, hf_vocab, source))
 
 
+LATEST = "latest"   # a training run's root names its newest checkpoint folder in this file
+
+
+def resolve(path: str) -> str:
+    """A checkpoint folder: ``path`` itself, or ``path/<latest>`` for a training run's root."""
+    latest = os.path.join(path, LATEST)
+    if os.path.isfile(latest):
+        with open(latest) as f:
+            name = f.read().strip()
+        full = os.path.join(path, name)
+        if not os.path.isdir(full):
+            raise FileNotFoundError(f"{latest} points at {name}, which does not exist")
+        return full
+    if not os.path.isfile(os.path.join(path, "metadata.json")):
+        raise FileNotFoundError(f"{path}: neither a checkpoint (metadata.json) nor a run folder ({LATEST})")
+    return path
+
+
 def read_meta(ckpt: str) -> CheckpointMeta:
     """(config, dtype, HF vocab size) of a checkpoint folder we wrote; bad files are named."""
     path = os.path.join(ckpt, META_FILE)

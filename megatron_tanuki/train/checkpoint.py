@@ -31,28 +31,14 @@ import sys
 
 import yaml
 
-LATEST = "latest"
+from megatron_tanuki.models.checkpoint_meta import LATEST, resolve  # noqa: F401 (re-exported)
+
 OPTIM_SHARDING = {"distrib_optim_sharding_type": "fully_reshardable"}
 _ITER = re.compile(r"^iter_(\d{7,})$")
 
 
 def iter_name(step: int) -> str:
     return f"iter_{step:07d}"
-
-
-def resolve(path: str) -> str:
-    """A checkpoint folder: ``path`` itself, or ``path/<latest>`` for a training run's root."""
-    latest = os.path.join(path, LATEST)
-    if os.path.isfile(latest):
-        with open(latest) as f:
-            name = f.read().strip()
-        full = os.path.join(path, name)
-        if not os.path.isdir(full):
-            raise FileNotFoundError(f"{latest} points at {name}, which does not exist")
-        return full
-    if not os.path.isfile(os.path.join(path, "metadata.json")):
-        raise FileNotFoundError(f"{path}: neither a checkpoint (metadata.json) nor a run folder ({LATEST})")
-    return path
 
 
 def latest_name(root: str) -> str | None:

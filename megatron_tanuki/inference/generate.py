@@ -1,0 +1,403 @@
+"""`tanuki generate`: a JSONL file of requests -> a JSONL file of completions, resumable.
+
+Input, one request a line: ``{"id", "prompt"}`` or ``{"id", "messages": [{"role", "content"}...]}``,
+``"image"`` (a path, relative to the input file's folder; Tanuki-vision), and optional per-request
+``max_tokens``, ``temperature``, ``top_p``, ``top_k``, ``stop``, ``seed``, ``logprobs``. A ``prompt``
+is one user turn; both are rendered with the chat template (``--chat``; ``none`` = the raw text).
+Output: ``{"id", "text", "finish_reason", "prompt_tokens", "completion_tokens"}`` (+ ``"error"``
+and ``"line"`` for a request that cannot be served, + ``"logprobs"``, + ``"scores"`` with
+``--score``). Records are appended one whole line at a time (``flock``); a rerun skips the ids
+already in the output file, so a killed job resumes; a torn last line is dropped first.
+
+Ranks: every rank of a request group (the tensor-, pipeline- and expert-parallel ranks that step
+together) reads the same file and submits the same requests in the same order; requests are
+spread over the groups by line; one rank of each group writes.
+"""
+from __future__ import annotations
+
+import dataclasses
+import fcntl
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+
+from megatron_tanuki.inference.engine import Completion, Engine, EngineOptions, RequestError, SamplingOptions
+
+SAMPLING_FIELDS = {"max_tokens": int, "temperature": float, "top_p": float, "top_k": int, "seed": int,
+                   "logprobs": bool}
+
+
+@dataclass
+class GenerateJob:
+    ckpt: str
+    input: str
+    output: str
+    tp: int = 1
+    pp: int = 1
+    ep: int = 1
+    nproc: int | None = None
+    max_tokens: int = 512
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int = 0
+    chat: str | None = None              # None: tanuki (LLM) / llava-v1 (Tanuki-vision)
+    stop: tuple[str, ...] = ()
+    logprobs: bool = False
+    kv_memory_gb: float | None = None
+    max_seq_len: int | None = None       # None: the model's max_position_embeddings
+    max_tokens_per_step: int = 8192
+    score: tuple[str, ...] = ()          # --score yes,no
+    prompt_logprobs: bool = False        # with --score: each prompt token's log-likelihood
+    tokenizer: str | None = None
+    dtype: str | None = None             # None: the checkpoint's
+    progress: bool | None = None         # None: when stderr is a terminal (TANUKI_PROGRESS=1/0 forces)
+
+
+# -------------------------------------------------------------------------- reading requests
+
+@dataclass
+class Parsed:
+    line: int
+    key: str                             # the id as text (resume, seeds); "@line N" when missing
+    id: object                           # the id as given (echoed in the output)
+    request: dict | None = None
+    error: str | None = None
+
+
+def read_done(path: str) -> set[str]:
+    """Ids already answered in ``path``; a torn last line (killed mid-write) is cut off first."""
+    if not os.path.exists(path):
+        return set()
+    with open(path, "rb") as f:
+        data = f.read()
+    if data and not data.endswith(b"\n"):
+        keep = data.rfind(b"\n") + 1
+        with open(path, "r+b") as f:
+            f.truncate(keep)
+        print(f"[tanuki] {path}: dropped a torn last line ({len(data) - keep} bytes) left by a killed run",
+              file=sys.stderr)
+        data = data[:keep]
+    done = set()
+    for n, raw in enumerate(data.decode("utf-8", errors="replace").splitlines(), 1):
+        try:
+            rec = json.loads(raw)
+        except json.JSONDecodeError:
+            raise ValueError(f"{path}:{n}: not a JSON line; is this a tanuki generate output file?") from None
+        done.add(_key(rec.get("id"), rec.get("line")))
+    return done
+
+
+def _key(rid, line) -> str:
+    return f"@line {line}" if rid is None else json.dumps(rid, ensure_ascii=False)
+
+
+def parse_requests(path: str):
+    """Yields Parsed for every non-empty line; bad lines become errors naming the line."""
+    seen: dict[str, int] = {}
+    with open(path, encoding="utf-8") as f:
+        for n, raw in enumerate(f, 1):
+            if not raw.strip():
+                continue
+            where = f"{path}:{n}"
+            try:
+                rec = json.loads(raw)
+            except json.JSONDecodeError as e:
+                yield Parsed(n, _key(None, n), None, error=f"{where}: invalid JSON ({e.msg} at column {e.colno})")
+                continue
+            if not isinstance(rec, dict):
+                yield Parsed(n, _key(None, n), None, error=f"{where}: a request must be a JSON object")
+                continue
+            rid = rec.get("id")
+            if rid is None or not isinstance(rid, (str, int)) or isinstance(rid, bool):
+                yield Parsed(n, _key(None, n), None, error=f"{where}: no \"id\" (a string or an integer)")
+                continue
+            key = _key(rid, n)
+            if key in seen:
+                yield Parsed(n, key, rid, error=f"{where}: id {rid!r} again (first on line {seen[key]})")
+                continue
+            seen[key] = n
+            yield Parsed(n, key, rid, request=rec)
+
+
+# -------------------------------------------------------------------------- one request
+
+class _Requests:
+    """Turns parsed lines into engine requests (prompt ids, sampling, images) or error records."""
+
+    def __init__(self, job: GenerateJob, tok, cfg, engine: Engine, score_ids: list[int]):
+        from megatron_tanuki.data import templates
+
+        self.job, self.tok, self.cfg, self.engine = job, tok, cfg, engine
+        self.vision = hasattr(cfg, "vision")
+        self.template = templates.get(job.chat or ("llava-v1" if self.vision else "tanuki"))
+        self.folder = os.path.dirname(os.path.abspath(job.input))
+        self.score_ids = score_ids
+
+    def build(self, p: Parsed):
+        """(key, prompt ids, SamplingOptions, images) or raises RequestError."""
+        from megatron_tanuki.data import templates
+        from megatron_tanuki.data.images import ImageError, load_image, preprocess
+
+        rec, where = p.request, f"{self.job.input}:{p.line} (id {p.id!r})"
+        if ("prompt" in rec) == ("messages" in rec):
+            raise RequestError(f"{where}: give exactly one of \"prompt\" and \"messages\"")
+        if "prompt" in rec:
+            if not isinstance(rec["prompt"], str):
+                raise RequestError(f"{where}: \"prompt\" must be a string")
+            turns = [("user", rec["prompt"])]
+        else:
+            msgs = rec["messages"]
+            if not isinstance(msgs, list) or not all(isinstance(m, dict) and isinstance(m.get("content"), str)
+                                                     and isinstance(m.get("role"), str) for m in msgs):
+                raise RequestError(f"{where}: \"messages\" must be a list of {{\"role\", \"content\"}} objects")
+            turns = [(m["role"], m["content"]) for m in msgs]
+        images = []
+        if rec.get("image") is not None:
+            if not self.vision:
+                raise RequestError(f"{where}: \"image\" given but {self.cfg.name} has no vision tower")
+            path = rec["image"]
+            if not isinstance(path, str):
+                raise RequestError(f"{where}: \"image\" must be a file path")
+            path = path if os.path.isabs(path) else os.path.join(self.folder, path)
+            try:
+                images.append(preprocess(load_image(path, where), self.cfg.image_size))
+            except ImageError as e:
+                raise RequestError(str(e)) from None
+            if not any(templates.IMAGE_MARK in t for r, t in turns if r == "user"):
+                role, text = turns[0] if turns[0][0] != "system" else turns[1]
+                i = 0 if turns[0][0] != "system" else 1
+                turns[i] = (role, templates.IMAGE_MARK + "\n" + text)
+        try:
+            template = self.template
+            if self.template.name == "none":
+                ids = templates.encode_text(self.tok, "".join(t for _, t in turns), self.vision)[0]
+            else:
+                ids = templates.prompt_ids(self.tok, template, turns)
+        except (templates.ConversationError, ValueError) as e:
+            raise RequestError(f"{where}: {e}") from None
+        return p.key, ids, self.sampling(rec, where), images
+
+    def sampling(self, rec: dict, where: str) -> SamplingOptions:
+        job = self.job
+        opts = SamplingOptions(max_tokens=job.max_tokens, temperature=job.temperature, top_p=job.top_p,
+                               top_k=job.top_k, stop=tuple(job.stop), logprobs=job.logprobs,
+                               score_tokens=tuple(self.score_ids))
+        for name, kind in SAMPLING_FIELDS.items():
+            if rec.get(name) is None:
+                continue
+            value = rec[name]
+            ok = isinstance(value, bool) if kind is bool else (
+                isinstance(value, (int, float)) and not isinstance(value, bool) and (kind is float or value == int(value)))
+            if not ok:
+                raise RequestError(f"{where}: \"{name}\" must be {kind.__name__}, got {value!r}")
+            setattr(opts, name, kind(value))
+        if rec.get("stop") is not None:
+            stop = rec["stop"]
+            stop = [stop] if isinstance(stop, str) else stop
+            if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop):
+                raise RequestError(f"{where}: \"stop\" must be a string or a list of non-empty strings")
+            opts.stop = tuple(stop)
+        if opts.max_tokens < 1:
+            raise RequestError(f"{where}: \"max_tokens\" must be at least 1")
+        if opts.temperature < 0 or not (0 < opts.top_p <= 1) or opts.top_k < 0:
+            raise RequestError(f"{where}: temperature >= 0, 0 < top_p <= 1 and top_k >= 0 are required")
+        return opts
+
+
+# -------------------------------------------------------------------------- output
+
+class Writer:
+    """Appends whole lines under an exclusive lock (several request groups share one file)."""
+
+    def __init__(self, path: str):
+        folder = os.path.dirname(os.path.abspath(path))
+        os.makedirs(folder, exist_ok=True)
+        self.f = open(path, "a", encoding="utf-8")
+
+    def write(self, record: dict) -> None:
+        line = json.dumps(record, ensure_ascii=False) + "\n"
+        fcntl.flock(self.f, fcntl.LOCK_EX)
+        try:
+            self.f.write(line)
+            self.f.flush()
+            os.fsync(self.f.fileno())
+        finally:
+            fcntl.flock(self.f, fcntl.LOCK_UN)
+
+    def close(self) -> None:
+        self.f.close()
+
+
+def record(c: Completion, rid, line: int | None, score_names=(), logprobs: bool = False) -> dict:
+    out = {"id": rid, "text": c.text, "finish_reason": c.finish_reason, "prompt_tokens": c.prompt_tokens,
+           "completion_tokens": c.completion_tokens}
+    if c.error is not None:
+        out["error"] = c.error
+        out["line"] = line
+    if c.scores is not None:
+        out["scores"] = dict(zip(score_names, c.scores))
+    if c.prompt_logprobs is not None:
+        out["prompt_logprobs"] = c.prompt_logprobs
+    if logprobs and c.logprobs is not None:
+        out["logprobs"] = c.logprobs
+    return out
+
+
+class Progress:
+    """requests done / total, output tokens/s, requests in flight, KV cache use (rank 0)."""
+
+    def __init__(self, total: int, enabled: bool | None):
+        from tqdm import tqdm
+
+        force = os.environ.get("TANUKI_PROGRESS", "")
+        disable = (force == "0") if force in ("0", "1") else (not sys.stderr.isatty() if enabled is None else not enabled)
+        self.bar = tqdm(total=total, desc="generate", unit="req", file=sys.stderr, disable=disable,
+                        mininterval=0.5, dynamic_ncols=True)
+        self.t0, self.tokens = time.perf_counter(), 0
+
+    def update(self, done: int, tokens: int, engine: Engine) -> None:
+        self.tokens += tokens
+        rate = self.tokens / max(1e-9, time.perf_counter() - self.t0)
+        self.bar.set_postfix_str(f"{rate:.1f} tok/s, {engine.in_flight} in flight, KV {100 * engine.kv_usage():.0f}%",
+                                 refresh=False)
+        self.bar.update(done)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+# -------------------------------------------------------------------------- the job
+
+def _groups():
+    """(this rank's request group, number of groups, writes?) from megatron-core's groups: ranks
+    that differ only in TP, PP or EP position step together on the same requests."""
+    from megatron.core import parallel_state as ps
+
+    dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+    ep = ps.get_expert_model_parallel_world_size()
+    ep_in_dp = max(1, ep // max(1, ps.get_tensor_model_parallel_world_size() // ps.get_expert_tensor_parallel_world_size()))
+    ep_in_dp = min(ep_in_dp, dp)
+    group, groups = dp_rank // ep_in_dp, dp // ep_in_dp
+    if ep > 1:  # every rank of an expert-parallel group must step on the same requests
+        import torch.distributed as dist
+
+        seen = [None] * ep
+        dist.all_gather_object(seen, group, group=ps.get_expert_model_parallel_group())
+        if len(set(seen)) != 1:
+            raise RuntimeError(f"expert-parallel ranks fall into different request groups {seen}")
+    writer = ps.get_tensor_model_parallel_rank() == 0 and ps.get_pipeline_model_parallel_rank() == 0 \
+        and dp_rank % ep_in_dp == 0
+    return group, groups, writer
+
+
+def load_model(job: GenerateJob):
+    """(cfg, chunks, hf_vocab) on this rank: the checkpoint's architecture in the job's layout."""
+    from megatron_tanuki.convert.verify import load_checkpoint
+    from megatron_tanuki.models import registry
+    from megatron_tanuki.models.checkpoint_meta import read_meta, resolve
+    from megatron_tanuki.models.tanuki.builder import BuildOptions
+    from megatron_tanuki.runtime.distributed import ParallelLayout, init_distributed
+
+    ckpt = resolve(job.ckpt)
+    cfg, dtype, hf_vocab = read_meta(ckpt)
+    llm = registry.language_model(cfg)
+    layout = ParallelLayout(tp=job.tp, pp=job.pp, ep=job.ep, sp=llm.is_moe and job.tp > 1)
+    init_distributed(layout, llm)
+    name = job.dtype or {torch.float32: "fp32", torch.bfloat16: "bf16"}.get(dtype, "bf16")
+    if name == "fp32" and torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    chunks = registry.build(cfg, layout, BuildOptions(dtype=name, perform_initialization=False))
+    load_checkpoint(chunks, ckpt)
+    return cfg, chunks, hf_vocab
+
+
+def generate_rank(job: GenerateJob) -> dict:
+    """One rank of `tanuki generate`; returns counts (rank 0's are the job's)."""
+    import torch.distributed as dist
+
+    from megatron_tanuki.data.tokenizer import load_tokenizer
+    from megatron_tanuki.models import registry
+
+    t0 = time.perf_counter()
+    cfg, chunks, hf_vocab = load_model(job)
+    tok = load_tokenizer(job.tokenizer)
+    rank0 = dist.get_rank() == 0
+    llm = registry.language_model(cfg)
+    score_ids = _score_ids(tok, job.score)
+    options = EngineOptions(max_sequence_length=job.max_seq_len or llm.max_position_embeddings,
+                            kv_memory_gb=job.kv_memory_gb, max_tokens=job.max_tokens_per_step, seed=job.seed,
+                            prompt_logprobs=bool(job.score and job.prompt_logprobs))
+    engine = Engine(chunks, tok, options, vocab_limit=min(tok.vocab_size, hf_vocab),
+                    log=print if rank0 else (lambda *_: None))
+    group, groups, writes = _groups()
+    box = [read_done(job.output) if rank0 else None]
+    dist.broadcast_object_list(box, src=0)  # one view of what is done, before anyone appends
+    done = box[0]
+    mine = [p for i, p in enumerate(parse_requests(job.input)) if i % groups == group and p.key not in done]
+    writer = Writer(job.output) if writes else None
+    progress = Progress(len(mine), job.progress if rank0 else False)
+    builder = _Requests(job, tok, cfg, engine, score_ids)
+    by_key = {p.key: p for p in mine}
+    counts = {"requests": len(mine), "skipped": len(done), "errors": 0, "completion_tokens": 0}
+
+    def emit(c: Completion) -> None:
+        p = by_key[c.key]
+        if c.error is not None:
+            counts["errors"] += 1
+        counts["completion_tokens"] += c.completion_tokens
+        if writer is not None:
+            writer.write(record(c, p.id, p.line, job.score, job.logprobs))
+        progress.update(1, c.completion_tokens, engine)
+
+    def requests():
+        for p in mine:
+            if p.error is not None:
+                emit(Completion(key=p.key, finish_reason="error", error=p.error))
+                continue
+            try:
+                yield builder.build(p)
+            except RequestError as e:
+                emit(Completion(key=p.key, finish_reason="error", error=str(e)))
+
+    try:
+        for c in engine.run(requests()):
+            emit(c)
+    finally:
+        progress.close()
+        if writer is not None:
+            writer.close()
+    counts.update(steps=engine.steps, seconds=round(time.perf_counter() - t0, 2), backend=engine.backend)
+    return counts
+
+
+def _score_ids(tok, words) -> list[int]:
+    ids = []
+    for w in words:
+        enc = tok.encode(w)
+        if len(enc) != 1:
+            raise ValueError(f"--score {w!r}: encodes to {len(enc)} tokens {enc}; each scored answer must be "
+                             "one token (try it with or without a leading space)")
+        ids.append(enc[0])
+    return ids
+
+
+def run(job: GenerateJob) -> list:
+    """Under torchrun/srun: this rank; else ``nproc`` local ranks (default TP*PP*EP)."""
+    from megatron_tanuki.runtime.spawn import run_ranks
+
+    if not os.path.isfile(job.input):
+        raise FileNotFoundError(2, "input file not found", job.input)
+    if "RANK" in os.environ or ("SLURM_PROCID" in os.environ and "SLURM_STEP_ID" in os.environ):
+        return [generate_rank(job)]
+    nproc = job.nproc or job.tp * job.pp * job.ep
+    if nproc == 1:
+        from megatron_tanuki.runtime.spawn import free_port
+
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
+        return [generate_rank(job)]
+    return run_ranks(generate_rank, nproc, dataclasses.replace(job, nproc=nproc))
