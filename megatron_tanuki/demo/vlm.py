@@ -31,13 +31,12 @@ def examples_dir() -> str:
 
 
 def describe_rank(ckpt: str, heldout: list[dict], image_folder: str, layout: dict, max_new_tokens: int = 16) -> list[str]:
-    """Rank side: greedy captions for held-out images (v1 prompt, DESCRIBE question)."""
-    import torch
-
+    """Rank side: greedy captions for held-out images (v1 prompt, DESCRIBE question), all images in
+    flight at once on the inference engine (continuous batching, paged KV cache)."""
     from megatron_tanuki.data.images import load_image, preprocess
-    from megatron_tanuki.data.templates import expand_image_tokens, prompt_ids
+    from megatron_tanuki.data.templates import prompt_ids
     from megatron_tanuki.data.tokenizer import TanukiTokenizer
-    from megatron_tanuki.inference.greedy import greedy
+    from megatron_tanuki.inference.engine import Engine, EngineOptions, SamplingOptions
     from megatron_tanuki.models.registry import get_preset
     from megatron_tanuki.models.tanuki.builder import BuildOptions
     from megatron_tanuki.models.tanuki_vision.builder import build_vlm
@@ -51,12 +50,20 @@ def describe_rank(ckpt: str, heldout: list[dict], image_folder: str, layout: dic
     ckpt_io.load_weights(ckpt_io.resolve(ckpt), chunks)
     tok = TanukiTokenizer()
     # The same ids training fed for this conversation, up to the answer (data/templates.py).
-    ids = prompt_ids(tok, "llava-v1", [("user", f"<image>\n{shapes.DESCRIBE}")])
-    prompt, _ = expand_image_tokens(ids, None, cfg.num_image_tokens)
-    images = torch.stack([preprocess(load_image(os.path.join(image_folder, h["image"]), h["image"]), cfg.image_size)
-                          for h in heldout])
-    new = greedy(chunks, [prompt] * len(heldout), images, max_new_tokens, tok.eos_id, tok.vocab_size)
-    return [tok.decode(n) for n in new]
+    prompt = prompt_ids(tok, "llava-v1", [("user", f"<image>\n{shapes.DESCRIBE}")])
+    engine = Engine(chunks, tok, EngineOptions(max_sequence_length=cfg.llm.max_position_embeddings,
+                                               kv_memory_gb=0.05, max_tokens=2048, block_size=64),
+                    log=lambda *_: None)
+    greedy = SamplingOptions(temperature=0, max_tokens=max_new_tokens)
+    requests = [(str(i), prompt, greedy, [preprocess(load_image(os.path.join(image_folder, h["image"]), h["image"]),
+                                                     cfg.image_size)])
+                for i, h in enumerate(heldout)]
+    done = {c.key: c for c in engine.run(requests)}
+    engine.close()
+    failed = [c.error for c in done.values() if c.error]
+    if failed:
+        raise RuntimeError(f"describe: {len(failed)} request(s) failed, first: {failed[0]}")
+    return [done[str(i)].text for i in range(len(heldout))]
 
 
 def _accuracy(captions: list[str], heldout: list[dict]) -> dict:
