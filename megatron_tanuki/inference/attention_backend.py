@@ -29,13 +29,15 @@ import torch
 import torch.nn.functional as F
 
 _CHOSEN: str | None = None
+_FA_VERSION_CHECK = None   # megatron's own is_fa_min_version, kept when install() replaces it
 
 
 def flash_attn_installed() -> bool:
     from megatron.core.transformer import attention
 
+    check = _FA_VERSION_CHECK or attention.is_fa_min_version  # never the gate install() opened
     try:
-        return bool(attention.HAVE_FA4 or attention.HAVE_FA3 or attention.is_fa_min_version("2.7.3"))
+        return bool(attention.HAVE_FA4 or attention.HAVE_FA3 or check("2.7.3"))
     except Exception:  # no flash_attn distribution at all
         return False
 
@@ -55,7 +57,7 @@ def chosen() -> str | None:
 
 def install(verbose: bool = True) -> str:
     """Make ``Attention.flash_decode_and_prefill`` run on this machine; returns the backend name."""
-    global _CHOSEN
+    global _CHOSEN, _FA_VERSION_CHECK
     if _CHOSEN is not None:
         return _CHOSEN
     from megatron.core.transformer import attention
@@ -73,6 +75,7 @@ def install(verbose: bool = True) -> str:
     if name != "flash-attn":
         kernel = _torch_varlen if name == "torch-varlen" else paged_sdpa
         # the dynamic path's flash-attn version gate (attention.py: Attention.forward)
+        _FA_VERSION_CHECK = attention.is_fa_min_version
         attention.is_fa_min_version = lambda *a, **k: True
         attention.Attention.flash_decode_and_prefill = _method(kernel)
     _CHOSEN = name

@@ -32,6 +32,10 @@ Redirected, and why:
   the identity) -- pinning needs a CUDA driver; the Triton KV-append kernel asserts CUDA tensors,
   so ``dynamic_context.triton_append_key_value_cache`` is None and megatron-core takes its own
   torch scatter; ``torch.cuda.memory_stats()`` (step logging) is an empty dict.
+  Under PP the engine moves activations and logits between stages with
+  ``inference/communication_utils.py``, whose ``_is_cuda`` asserts ``tensor.is_cuda`` before every
+  broadcast; gloo sends CPU tensors, so the CPU version asserts the same tensor is present and on
+  the CPU (``_is_cuda_contiguous`` calls it through the module, so one name covers both).
   The attention kernel of the dynamic path is not a CPU matter: ``inference/attention_backend.py``
   installs it on every machine without flash-attn.
 
@@ -164,6 +168,12 @@ def _maybe_move_tensor_to_cpu(tensor, as_numpy=False, record_stream=False):
     return tensor
 
 
+def _is_on_cpu(tensor):
+    """megatron's inference ``_is_cuda`` check for the device gloo communicates on."""
+    assert tensor is not None
+    assert tensor.device.type == "cpu", f"expected a CPU tensor, got one on {tensor.device}"
+
+
 def _redirects() -> dict:
     """Every name the CPU runtime replaces, as ``"module:attribute.path" -> replacement``."""
     seed = lambda seed: torch.default_generator.manual_seed(int(seed))  # noqa: E731
@@ -187,6 +197,8 @@ def _redirects() -> dict:
         "torch.cuda:memory_stats": lambda device=None: {},
         # the Triton KV append asserts CUDA tensors; None selects megatron's torch scatter
         "megatron.core.inference.contexts.dynamic_context:triton_append_key_value_cache": None,
+        # the dynamic engine's pipeline broadcasts assert CUDA tensors (see the docstring)
+        "megatron.core.inference.communication_utils:_is_cuda": _is_on_cpu,
         "megatron.core.tensor_parallel.random:_get_cuda_rng_state":
             lambda device=None, clone=False, graph_safe=False: torch.get_rng_state(),
         "megatron.core.tensor_parallel.random:_set_cuda_rng_state":

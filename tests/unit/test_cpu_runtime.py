@@ -47,6 +47,21 @@ def test_alltoall_split_sizes_become_numpy():
     assert isinstance(out, np.ndarray) and out.tolist() == [3, 1]
 
 
+
+@needs_cpu_only
+def test_inference_pipeline_broadcast_takes_cpu_tensors(single_process):
+    """The dynamic engine's stage-to-stage broadcast (PP) runs megatron's own code on gloo tensors;
+    the presence check it made beside the CUDA one is kept."""
+    from megatron.core.inference import communication_utils
+
+    logits = torch.arange(6, dtype=torch.float32).reshape(1, 2, 3)
+    out = communication_utils.broadcast_from_last_pipeline_stage([1, 2, 3], torch.float32, logits)
+    assert out is logits and out.tolist() == [[[0.0, 1.0, 2.0], [3.0, 4.0, 5.0]]]
+    with pytest.raises(AssertionError):
+        communication_utils._is_cuda_contiguous(None)
+    with pytest.raises(AssertionError):  # still a contiguity check
+        communication_utils._is_cuda_contiguous(logits.transpose(1, 2))
+
 @needs_cpu_only
 def test_rng_tracker_seeds_and_forks_reproducibly(single_process):
     from megatron.core.tensor_parallel.random import get_cuda_rng_tracker, model_parallel_cuda_manual_seed
