@@ -122,8 +122,11 @@ def paged_sdpa(q, k_cache, v_cache, cu_seqlens_q, cu_seqlens_k, seqlens_k, block
     max_q, max_k = int(q_lens.max()), int(k_lens.max())
     block = k_cache.shape[1]
     pages = block_table[live, : math.ceil(max_k / block)].long().clamp_min(0)
-    keys = k_cache[pages].flatten(1, 2)[:, :max_k]      # [R, max_k, G, D]
-    values = v_cache[pages].flatten(1, 2)[:, :max_k]
+    # Whole pages are gathered; slots past a request's length were never written (torch.empty: NaN is
+    # possible) and would poison the masked softmax (0 * NaN), so they are zeroed.
+    written = (torch.arange(max_k, device=q.device) < k_lens[:, None])[:, :, None, None]
+    keys = k_cache[pages].flatten(1, 2)[:, :max_k].masked_fill(~written, 0)      # [R, max_k, G, D]
+    values = v_cache[pages].flatten(1, 2)[:, :max_k].masked_fill(~written, 0)
     step = torch.arange(max_q, device=q.device)
     rows = starts[:, None] + step                          # [R, max_q] token index of each query
     real = step < q_lens[:, None]

@@ -67,6 +67,10 @@ class SamplingOptions:
 
 @dataclass
 class Completion:
+    """One finished request. ``tokens``: what the model generated -- through the token that completed
+    a stop string (the tokens were computed and are billed, as OpenAI-style servers count them), without
+    the EOS it stopped at; ``text``: cut just before the first stop string."""
+
     key: str
     tokens: list[int] = field(default_factory=list)
     text: str = ""
@@ -234,13 +238,23 @@ class Engine:
             block_size_tokens=options.block_size, max_tokens=options.max_tokens,
             max_requests=self._max_requests(gb, per_token), enable_chunked_prefill=options.chunked_prefill,
             materialize_only_last_token_logits=not options.prompt_logprobs,
-            offset_sampling_seed_by_dp_rank=False)
+            offset_sampling_seed_by_dp_rank=False, logprobs_mode="processed_logprobs")
+        # Our MoE layers keep the training (all-to-all) dispatcher and the Tanuki router: megatron-core's
+        # 'nvls'/'nccl' inference dispatchers belong to its inference_optimized MoE. Left at its default
+        # ('nvls'), the context would allocate NVLink symmetric-memory buffers for EP > 1 (and fail
+        # on CPU or without NVLink).
+        self.language_model.config.inference_moe_token_dispatcher_type = "training-alltoall"
         self.context = DynamicInferenceContext(self.language_model.config, cfg)
         wrapper = _wrapper_class()(self.language_model, self.context, self.images)
         self.controller = TextGenerationController(wrapper, _ControllerTokenizer(tokenizer))
         self.sampling = SeededSampling(vocab_limit or tokenizer.vocab_size)
         self.controller._sampling = self.sampling
         self.engine = DynamicInferenceEngine(self.controller, self.context)
+        # megatron-core allocates the paged cache with torch.empty. Slots no request has written are
+        # never attended to, but a kernel reading whole pages (paged SDPA) weighs them by exactly 0,
+        # and 0 * NaN-garbage is NaN: zeroed, stale memory cannot reach any output.
+        if getattr(self.context, "memory_buffer", None) is not None:
+            self.context.memory_buffer.zero_()
         self.blocks = self.context.kv_block_allocator.total_count - 1
         self._next_id = 0
         self._live: dict[int, dict] = {}      # megatron request id -> our bookkeeping
@@ -281,15 +295,24 @@ class Engine:
 
     def submit(self, key: str, prompt: list[int], sampling: SamplingOptions,
                images: list[torch.Tensor] | None = None) -> int:
-        """Queue a request; raises RequestError when it can never be served."""
+        """Queue a request; raises RequestError when it can never be served.
+
+        Everything megatron-core would refuse at ``add_request`` is refused here first, with a message
+        naming the option to change: a request megatron fails itself comes back only from a later step,
+        and a caller that stopped stepping (``has_work()`` false) would never see it."""
         from megatron.core.inference.sampling_params import SamplingParams
 
+        _check_sampling(sampling)
         tokens, slots = self.prompt_with_images(prompt, images or [])
         limit = self.options.max_sequence_length
         if len(tokens) >= limit:
             self._release(slots)
             raise RequestError(f"the prompt has {len(tokens)} tokens; the context holds {limit} "
                                "(prompt + completion, --max-seq-len)")
+        if not self.options.chunked_prefill and len(tokens) > self.options.max_tokens:
+            self._release(slots)
+            raise RequestError(f"the prompt has {len(tokens)} tokens; one forward takes {self.options.max_tokens} "
+                               "without chunked prefill")
         want = 1 if sampling.score_tokens else max(1, int(sampling.max_tokens))
         want = min(want, limit - len(tokens))
         need = math.ceil((len(tokens) + want) / self.options.block_size)
@@ -297,8 +320,6 @@ class Engine:
             self._release(slots)
             raise RequestError(f"needs {need} KV blocks ({len(tokens)} + {want} tokens); the cache has "
                                f"{self.blocks} (raise --kv-memory-gb)")
-        if not (sampling.top_p > 0 and sampling.top_p <= 1):
-            raise RequestError(f"top_p {sampling.top_p}: must be in (0, 1]")
         rid = self._next_id
         self._next_id += 1
         greedy = sampling.greedy or bool(sampling.score_tokens)
@@ -311,6 +332,8 @@ class Engine:
         self.sampling.seeds[rid] = request_seed(self.options.seed if sampling.seed is None else sampling.seed, key)
         if sampling.score_tokens:
             self.sampling.scores[rid] = list(sampling.score_tokens)
+        if self.options.prompt_logprobs:
+            self.sampling.prompts[rid] = tokens
         self._live[rid] = {"key": key, "sampling": sampling, "slots": slots, "prompt_tokens": len(tokens),
                            "stop_at": None}
         self.engine.add_request(rid, tokens, params)
@@ -333,7 +356,13 @@ class Engine:
 
     # -- stepping -----------------------------------------------------------------------------
     def step(self) -> list[Completion]:
-        """One engine step (every rank together); returns the requests that finished in it."""
+        """One engine step (every rank together); returns the requests that finished in it.
+
+        Re-enters megatron-core's inference mode first: after :meth:`close` (for a plain forward in
+        between) the model would otherwise take its training path on the engine's packed batch."""
+        from megatron.core.inference.utils import InferenceMode
+
+        InferenceMode.set_active()
         result = self.engine.step_modern()
         self.steps += 1
         if self.tracing:
@@ -350,7 +379,7 @@ class Engine:
             stops = live["sampling"].stop
             if not stops or live["stop_at"] is not None or rid not in self.engine.requests:
                 continue
-            gen = list(self.engine.get_request(rid).generated_tokens)
+            gen = self._generated(rid)
             tail = gen[-(4 * max(len(s) for s in stops) + 8):]  # a new stop string ends in the tail
             if not any(s and s in self.tok.decode(tail) for s in stops):
                 continue
@@ -359,10 +388,19 @@ class Engine:
                 live["stop_at"] = cut
                 stopping.add(rid)
 
+    def _generated(self, rid: int) -> list[int]:
+        """All tokens a live request generated. After an eviction megatron-core checkpoints the
+        request (prompt += generated, a new record entry) and ``get_request`` holds only the tokens
+        since then; the stop-string cut counts from the first generated token."""
+        return [int(t) for r in self.engine.requests[rid].record.requests for t in r.generated_tokens]
+
     def _finish(self, req) -> Completion:
         live = self._live.pop(req.request_id)
         self._release(live["slots"])
         self.sampling.seeds.pop(req.request_id, None)
+        self.sampling.scores.pop(req.request_id, None)
+        self.sampling.prompts.pop(req.request_id, None)
+        recorded = self.sampling.recorded.pop(req.request_id, None)
         sampling: SamplingOptions = live["sampling"]
         out = Completion(key=live["key"], prompt_tokens=live["prompt_tokens"])
         if getattr(req.status, "name", "") == "FAILED":
@@ -371,7 +409,7 @@ class Engine:
         tokens = [int(t) for t in req.generated_tokens]
         logprobs = list(req.generated_log_probs or []) if sampling.logprobs else None
         if sampling.score_tokens:
-            out.scores = self.sampling.recorded.pop(req.request_id, None)
+            out.scores = recorded
             out.finish_reason = "stop"
             tokens = []
         elif live["stop_at"] is not None:
@@ -400,7 +438,9 @@ class Engine:
         InferenceMode.unset_active()
 
     def has_work(self) -> bool:
-        return self.engine.has_unfinished_requests()
+        """Something to step for: running or waiting requests, or failed ones megatron-core returns
+        only from its next step's bookkeeping."""
+        return self.engine.has_unfinished_requests() or bool(self.engine.failed_request_ids)
 
     def run(self, requests, on_done=None, max_waiting: int | None = None):
         """Feed ``requests`` (iterable of (key, prompt ids, SamplingOptions, images)) and step until
@@ -436,14 +476,35 @@ def _failure(req) -> str:
 
 
 def _stop_cut(tok, tokens: list[int], stops) -> tuple[int, str] | None:
-    """(tokens to keep, text cut before the first stop string) once the text contains one."""
-    text = tok.decode(tokens)
-    hits = [text.find(s) for s in stops if s and s in text]
-    if not hits:
-        return None
-    at = min(hits)
-    for n in range(1, len(tokens) + 1):  # the first token whose text reaches past the stop string
-        if len(tok.decode(tokens[:n])) > at:
-            return n, text[:at]
-    return len(tokens), text[:at]
+    """(n, text): the first ``n`` tokens are the shortest prefix whose text holds a stop string (the
+    n-th token completed it) and ``text`` is that prefix's text cut before the first stop string.
+    None while no stop string has appeared. A binary search: the prefix texts only grow."""
+    stops = [s for s in stops if s]
 
+    def first_hit(n: int) -> int | None:
+        text = tok.decode(tokens[:n])
+        hits = [text.find(s) for s in stops if s in text]
+        return min(hits) if hits else None
+
+    if not stops or first_hit(len(tokens)) is None:
+        return None
+    lo, hi = 1, len(tokens)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if first_hit(mid) is None:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo, tok.decode(tokens[:lo])[:first_hit(lo)]
+
+
+def _check_sampling(sampling: "SamplingOptions") -> None:
+    """Sampling fields a request can never be served with (messages name the field)."""
+    if not 0 < sampling.top_p <= 1:
+        raise RequestError(f"top_p {sampling.top_p}: must be in (0, 1]")
+    if sampling.temperature < 0:
+        raise RequestError(f"temperature {sampling.temperature}: must be >= 0 (0 = greedy)")
+    if sampling.top_k < 0:
+        raise RequestError(f"top_k {sampling.top_k}: must be >= 0 (0 = off)")
+    if isinstance(sampling.stop, str):
+        raise RequestError(f"stop {sampling.stop!r}: must be a list of strings, not one string")

@@ -45,12 +45,33 @@ def _mix(x: torch.Tensor) -> torch.Tensor:
     return x ^ ((x >> 31) & ((1 << 33) - 1))
 
 
-def gumbel_noise(seeds: torch.Tensor, positions: torch.Tensor, vocab: int, device) -> torch.Tensor:
-    """[rows, vocab] Gumbel(0, 1) noise, a function of (seed, position, index) only."""
-    key = _mix(seeds.to(device=device, dtype=torch.int64) * _C1 + positions.to(device=device, dtype=torch.int64))
-    x = _mix(key[:, None] + torch.arange(vocab, device=device, dtype=torch.int64)[None, :] * _C1)
+def gumbel_at(seeds: torch.Tensor, positions: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Gumbel(0, 1) noise of each (seed, position, vocabulary index) triple (int tensors that
+    broadcast together): the same value wherever and with whatever else it is computed."""
+    key = _mix(seeds.to(torch.int64) * _C1 + positions.to(torch.int64))
+    x = _mix(key + index.to(torch.int64) * _C1)
     u = (((x >> 40) & ((1 << 24) - 1)).to(torch.float32) + 0.5) / float(1 << 24)
     return -torch.log(-torch.log(u))
+
+
+def gumbel_noise(seeds: torch.Tensor, positions: torch.Tensor, vocab: int, device) -> torch.Tensor:
+    """[rows, vocab] Gumbel(0, 1) noise, a function of (seed, position, index) only."""
+    return gumbel_at(seeds.to(device)[:, None], positions.to(device)[:, None],
+                     torch.arange(vocab, device=device)[None, :])
+
+
+def gumbel_max(filtered: torch.Tensor, seeds: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """argmax(filtered + Gumbel noise) per row: a draw from softmax(filtered). Noise is computed only
+    where a token survived top-k/top-p (-inf elsewhere never wins), so a top-k 20 row costs 20 hashes,
+    not 65024; the values are those of :func:`gumbel_noise`, so the draw is the same either way."""
+    keep = torch.isfinite(filtered)
+    if bool(keep.all()):
+        return (filtered + gumbel_noise(seeds, positions, filtered.shape[-1], filtered.device)).argmax(-1)
+    rows, cols = keep.nonzero(as_tuple=True)
+    seeds, positions = seeds.to(filtered.device), positions.to(filtered.device)
+    noisy = torch.full_like(filtered, float("-inf"))
+    noisy[rows, cols] = filtered[rows, cols] + gumbel_at(seeds[rows], positions[rows], cols)
+    return noisy.argmax(-1)
 
 
 def filter_logits(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
@@ -85,6 +106,7 @@ class SeededSampling(Sampling):
         self.seeds: dict[int, int] = {}
         self.scores: dict[int, list[int]] = {}
         self.recorded: dict[int, list[float]] = {}
+        self.prompts: dict[int, list[int]] = {}   # request id -> prompt, when prompt log-probs are asked
 
     def sample_kernel(self, logits, n, context, *, no_top_k=True, no_top_p=True, gather_indices=None,
                       token_to_request_index=None, output=None, eager=False, cache_key=None):
@@ -107,15 +129,31 @@ class SeededSampling(Sampling):
         self._record_scores(ids, logits)
         greedy = (top_k == 1) | (temperature <= 0)
         tokens = logits.argmax(-1)
-        if not bool(greedy.all()):
-            seeds = torch.tensor([self.seeds.get(i, i) for i in ids], dtype=torch.int64)
-            filtered = filter_logits(logits, torch.where(greedy, 1.0, temperature), top_k, top_p)
-            noisy = filtered + gumbel_noise(seeds, positions, logits.shape[-1], logits.device)
-            tokens = torch.where(greedy, tokens, noisy.argmax(-1))
+        if not bool(greedy.all()):  # only the sampled rows are filtered and get noise
+            rows = (~greedy).nonzero().flatten()
+            seeds = torch.tensor([self.seeds.get(ids[r], ids[r]) for r in rows.tolist()], dtype=torch.int64)
+            filtered = filter_logits(logits[rows], temperature[rows], top_k[rows], top_p[rows])
+            tokens[rows] = gumbel_max(filtered, seeds, positions[rows.cpu()])
+        self._next_prompt_token(context, ids, positions, tokens)
         if output is None:
             return tokens
         output[:n].copy_(tokens)
         return output
+
+    def _next_prompt_token(self, context, ids, positions, tokens) -> None:
+        """A request whose prefill continues in a later chunk gets its next *prompt* token as its
+        "sample". megatron-core throws that token away, but its prompt log-probs take the token after
+        the chunk's last position from this sample (``calculate_log_probs_tensors``), so without this
+        every chunk boundary scored a random token instead of the prompt's."""
+        chunked = int(getattr(context, "chunked_prefill_request_id", -1))
+        prompt = self.prompts.get(chunked)
+        if prompt is None or chunked not in ids:
+            return
+        row = ids.index(chunked)
+        nxt = int(positions[row])
+        if nxt < len(prompt):
+            token = int(prompt[nxt])
+            tokens[row] = token if 0 <= token < self.vocab_limit else 0  # an image marker: any real id
 
     def _record_scores(self, ids, logits) -> None:
         for row, rid in enumerate(ids):
@@ -125,4 +163,12 @@ class SeededSampling(Sampling):
                 self.recorded[rid] = probs[torch.tensor(wanted, device=logits.device)].tolist()
 
     def log_probs_kernel(self, logits, context, *, token_to_request_index=None):
-        return torch.log_softmax(logits.float(), dim=-1)
+        """Log-probabilities of the model's distribution over the real tokens (the padded vocabulary
+        rows cut, as for sampling and scores; no temperature or top-k/top-p): the engine selects this
+        with ``logprobs_mode="processed_logprobs"``, since megatron-core's raw mode would normalize
+        over the padded rows too."""
+        logits = logits.float()
+        if logits.shape[-1] > self.vocab_limit:
+            logits = logits.clone()
+            logits[..., self.vocab_limit:] = float("-inf")
+        return torch.log_softmax(logits, dim=-1)
