@@ -131,6 +131,8 @@ def cmd_upcycle(args) -> int:
 def cmd_generate(args) -> int:
     from megatron_tanuki.inference.generate import GenerateJob, run
 
+    if args.score is not None and not any(w.strip() for w in args.score.split(",")):
+        raise ValueError(f"--score {args.score!r}: give comma-separated one-token answers, e.g. yes,no")
     job = GenerateJob(
         ckpt=args.ckpt, input=args.input, output=args.output, tp=args.tp, pp=args.pp, ep=args.ep, nproc=args.nproc,
         max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,

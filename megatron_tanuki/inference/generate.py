@@ -7,7 +7,8 @@ is one user turn; both are rendered with the chat template (``--chat``; ``none``
 Output: ``{"id", "text", "finish_reason", "prompt_tokens", "completion_tokens"}`` (+ ``"error"``
 and ``"line"`` for a request that cannot be served, + ``"logprobs"``, + ``"scores"`` with
 ``--score``). Records are appended one whole line at a time (``flock``); a rerun skips the ids
-already in the output file, so a killed job resumes; a torn last line is dropped first.
+already in the output file, so a killed job resumes; a torn last line is dropped first. An error
+record stands for its input *line* (a repeated id's error must not mark the first use done).
 
 Ranks: every rank of a request group (the tensor-, pipeline- and expert-parallel ranks that step
 together) reads the same file and submits the same requests in the same order; requests are
@@ -18,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import fcntl
 import json
+import math
 import os
 import sys
 import time
@@ -63,14 +65,15 @@ class GenerateJob:
 @dataclass
 class Parsed:
     line: int
-    key: str                             # the id as text (resume, seeds); "@line N" when missing
+    key: str                             # the id as text (resume, seeds); "@line N" when missing or repeated
     id: object                           # the id as given (echoed in the output)
     request: dict | None = None
     error: str | None = None
 
 
 def read_done(path: str) -> set[str]:
-    """Ids already answered in ``path``; a torn last line (killed mid-write) is cut off first."""
+    """Keys already answered in ``path``: an answer's id, an error record's ``"@line N"``; a torn
+    last line (killed mid-write) is cut off first."""
     if not os.path.exists(path):
         return set()
     with open(path, "rb") as f:
@@ -83,29 +86,49 @@ def read_done(path: str) -> set[str]:
               file=sys.stderr)
         data = data[:keep]
     done = set()
-    for n, raw in enumerate(data.decode("utf-8", errors="replace").splitlines(), 1):
+    # split on b"\n" only: str.splitlines would also cut at U+2028 and friends inside generated text
+    for n, raw in enumerate(data.split(b"\n")[:-1], 1):
+        if not raw.strip():
+            continue
         try:
-            rec = json.loads(raw)
+            rec = json.loads(raw.decode("utf-8", errors="replace"))
         except json.JSONDecodeError:
             raise ValueError(f"{path}:{n}: not a JSON line; is this a tanuki generate output file?") from None
-        done.add(_key(rec.get("id"), rec.get("line")))
+        if not isinstance(rec, dict) or "id" not in rec:
+            raise ValueError(f"{path}:{n}: a record without \"id\"; is this a tanuki generate output file?")
+        done.add(_line_key(rec["line"]) if rec.get("finish_reason") == "error" and "line" in rec
+                 else _key(rec["id"], rec.get("line")))
     return done
 
 
+def is_done(p: Parsed, done: set[str]) -> bool:
+    return p.key in done or _line_key(p.line) in done
+
+
 def _key(rid, line) -> str:
-    return f"@line {line}" if rid is None else json.dumps(rid, ensure_ascii=False)
+    return _line_key(line) if rid is None else json.dumps(rid, ensure_ascii=False)
+
+
+def _line_key(line) -> str:
+    return f"@line {line}"
 
 
 def parse_requests(path: str):
-    """Yields Parsed for every non-empty line; bad lines become errors naming the line."""
+    """Yields Parsed for every non-empty line; bad lines become errors naming the line. Lines end at
+    a newline byte only (JSON strings may hold any other line separator)."""
     seen: dict[str, int] = {}
-    with open(path, encoding="utf-8") as f:
+    with open(path, "rb") as f:
         for n, raw in enumerate(f, 1):
-            if not raw.strip():
-                continue
             where = f"{path}:{n}"
             try:
-                rec = json.loads(raw)
+                text = raw.decode("utf-8-sig" if n == 1 else "utf-8")  # a BOM may open the file
+            except UnicodeDecodeError as e:
+                yield Parsed(n, _line_key(n), None, error=f"{where}: not UTF-8 text (byte {e.start + 1} of the line)")
+                continue
+            if not text.strip():
+                continue
+            try:
+                rec = json.loads(text.rstrip("\r\n"))  # columns of the line, not of "line\n"
             except json.JSONDecodeError as e:
                 yield Parsed(n, _key(None, n), None, error=f"{where}: invalid JSON ({e.msg} at column {e.colno})")
                 continue
@@ -118,7 +141,7 @@ def parse_requests(path: str):
                 continue
             key = _key(rid, n)
             if key in seen:
-                yield Parsed(n, key, rid, error=f"{where}: id {rid!r} again (first on line {seen[key]})")
+                yield Parsed(n, _line_key(n), rid, error=f"{where}: id {rid!r} again (first on line {seen[key]})")
                 continue
             seen[key] = n
             yield Parsed(n, key, rid, request=rec)
@@ -168,10 +191,12 @@ class _Requests:
                 images.append(preprocess(load_image(path, where), self.cfg.image_size))
             except ImageError as e:
                 raise RequestError(str(e)) from None
-            if not any(templates.IMAGE_MARK in t for r, t in turns if r == "user"):
-                role, text = turns[0] if turns[0][0] != "system" else turns[1]
-                i = 0 if turns[0][0] != "system" else 1
-                turns[i] = (role, templates.IMAGE_MARK + "\n" + text)
+            first_user = next((k for k, (r, _) in enumerate(turns) if r == "user"), None)
+            if first_user is not None and not any(templates.IMAGE_MARK in t for r, t in turns if r == "user"):
+                turns[first_user] = ("user", templates.IMAGE_MARK + "\n" + turns[first_user][1])
+            if self.job.prompt_logprobs:  # megatron-core's prompt log-probs index the vocabulary by
+                # every prompt id, and image positions carry marker ids beyond it
+                raise RequestError(f"{where}: --prompt-logprobs is not available for requests with an image")
         try:
             template = self.template
             if self.template.name == "none":
@@ -192,7 +217,8 @@ class _Requests:
                 continue
             value = rec[name]
             ok = isinstance(value, bool) if kind is bool else (
-                isinstance(value, (int, float)) and not isinstance(value, bool) and (kind is float or value == int(value)))
+                isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+                and (kind is float or value == int(value)))
             if not ok:
                 raise RequestError(f"{where}: \"{name}\" must be {kind.__name__}, got {value!r}")
             setattr(opts, name, kind(value))
@@ -329,6 +355,9 @@ def generate_rank(job: GenerateJob) -> dict:
     rank0 = dist.get_rank() == 0
     llm = registry.language_model(cfg)
     score_ids = _score_ids(tok, job.score)
+    if job.max_seq_len is not None and job.max_seq_len > llm.max_position_embeddings:
+        raise ValueError(f"--max-seq-len {job.max_seq_len} exceeds {cfg.name}'s max_position_embeddings "
+                         f"{llm.max_position_embeddings}")
     options = EngineOptions(max_sequence_length=job.max_seq_len or llm.max_position_embeddings,
                             kv_memory_gb=job.kv_memory_gb, max_tokens=job.max_tokens_per_step, seed=job.seed,
                             prompt_logprobs=bool(job.score and job.prompt_logprobs))
@@ -338,17 +367,19 @@ def generate_rank(job: GenerateJob) -> dict:
     box = [read_done(job.output) if rank0 else None]
     dist.broadcast_object_list(box, src=0)  # one view of what is done, before anyone appends
     done = box[0]
-    mine = [p for i, p in enumerate(parse_requests(job.input)) if i % groups == group and p.key not in done]
+    mine = [p for i, p in enumerate(parse_requests(job.input)) if i % groups == group and not is_done(p, done)]
     writer = Writer(job.output) if writes else None
     progress = Progress(len(mine), job.progress if rank0 else False)
     builder = _Requests(job, tok, cfg, engine, score_ids)
     by_key = {p.key: p for p in mine}
     counts = {"requests": len(mine), "skipped": len(done), "errors": 0, "completion_tokens": 0}
 
-    def emit(c: Completion) -> None:
+    def emit(c: Completion, from_engine: bool = False) -> None:
         p = by_key[c.key]
         if c.error is not None:
             counts["errors"] += 1
+            if from_engine:  # the engine's reasons do not know the input file: name the line here
+                c.error = f"{job.input}:{p.line} (id {p.id!r}): {c.error}"
         counts["completion_tokens"] += c.completion_tokens
         if writer is not None:
             writer.write(record(c, p.id, p.line, job.score, job.logprobs))
@@ -366,7 +397,7 @@ def generate_rank(job: GenerateJob) -> dict:
 
     try:
         for c in engine.run(requests()):
-            emit(c)
+            emit(c, from_engine=True)
     finally:
         progress.close()
         if writer is not None:
@@ -386,12 +417,42 @@ def _score_ids(tok, words) -> list[int]:
     return ids
 
 
+def check_job(job: GenerateJob) -> None:
+    """The options' mistakes, found before any rank starts or a model is loaded."""
+    from megatron_tanuki.data import templates
+    from megatron_tanuki.data.tokenizer import load_tokenizer
+
+    if not os.path.isfile(job.input):
+        raise FileNotFoundError(2, "input file not found", job.input)
+    if os.path.isdir(job.output):
+        raise ValueError(f"--output {job.output}: is a folder; give the JSONL file to append to")
+    if os.path.exists(job.output) and os.path.samefile(job.input, job.output):
+        raise ValueError(f"--output {job.output}: is the input file; answers go to another file")
+    if job.chat is not None:
+        templates.get(job.chat)
+    if job.max_tokens < 1:
+        raise ValueError(f"--max-tokens {job.max_tokens}: must be at least 1")
+    if not (job.temperature >= 0 and 0 < job.top_p <= 1 and job.top_k >= 0):
+        raise ValueError(f"--temperature {job.temperature} --top-p {job.top_p} --top-k {job.top_k}: "
+                         "temperature >= 0, 0 < top_p <= 1 and top_k >= 0 are required")
+    if job.max_seq_len is not None and job.max_seq_len < 2:
+        raise ValueError(f"--max-seq-len {job.max_seq_len}: must be at least 2")
+    if job.max_tokens_per_step < 64 or job.max_tokens_per_step % 64:
+        raise ValueError(f"--max-tokens-per-step {job.max_tokens_per_step}: must be a positive multiple of 64 "
+                         "(megatron-core pads prefill to 64 tokens)")
+    if job.kv_memory_gb is not None and not job.kv_memory_gb > 0:
+        raise ValueError(f"--kv-memory-gb {job.kv_memory_gb}: must be positive")
+    if job.prompt_logprobs and not job.score:
+        raise ValueError("--prompt-logprobs works with --score (scoring runs only)")
+    if job.score:
+        _score_ids(load_tokenizer(job.tokenizer), job.score)
+
+
 def run(job: GenerateJob) -> list:
     """Under torchrun/srun: this rank; else ``nproc`` local ranks (default TP*PP*EP)."""
     from megatron_tanuki.runtime.spawn import run_ranks
 
-    if not os.path.isfile(job.input):
-        raise FileNotFoundError(2, "input file not found", job.input)
+    check_job(job)
     if "RANK" in os.environ or ("SLURM_PROCID" in os.environ and "SLURM_STEP_ID" in os.environ):
         return [generate_rank(job)]
     nproc = job.nproc or job.tp * job.pp * job.ep
