@@ -99,6 +99,9 @@ def _method(kernel):
         if softmax_offset is not None:
             raise NotImplementedError("attention sinks (softmax_offset) are not supported by the "
                                       f"{_CHOSEN} inference backend")
+        if getattr(self.config, "window_size", None) is not None:
+            raise NotImplementedError("sliding-window attention is not supported by the "
+                                      f"{_CHOSEN} inference backend")
         scale = getattr(self, "softmax_scale", None) or q.shape[-1] ** -0.5
         return kernel(q, k, v, cu_seqlens_q, cu_seqlens_k, seqlens_k, block_table, scale,
                       int(max_seqlen_q), int(max_seqlen_k))
@@ -140,14 +143,33 @@ def paged_sdpa(q, k_cache, v_cache, cu_seqlens_q, cu_seqlens_k, seqlens_k, block
     return out.unsqueeze(1)
 
 
+def varlen_supports(q, k_cache) -> bool:
+    """What PyTorch's bundled FA2 accepts: CUDA, fp16/bf16, pages a multiple of 256 tokens, head
+    dim a multiple of 8 up to 256. Anything else (an fp32 parity run, 64-token test pages) takes the
+    paged SDPA, which is exact on any device."""
+    return (q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and k_cache.shape[1] % 256 == 0
+            and q.shape[-1] % 8 == 0 and q.shape[-1] <= 256)
+
+
+_FELL_BACK = False
+
+
 def _torch_varlen(q, k_cache, v_cache, cu_seqlens_q, cu_seqlens_k, seqlens_k, block_table, scale,
                   max_seqlen_q, max_seqlen_k) -> torch.Tensor:
-    """PyTorch's bundled flash attention over the paged cache (CUDA only; unproven without a GPU)."""
-    from torch.nn.attention.varlen import varlen_attn
+    """PyTorch's bundled flash attention over the paged cache (CUDA only; unproven without a GPU).
+    Rows past ``cu_seqlens_q[-1]`` (padding) are zero, as in the paged SDPA."""
+    global _FELL_BACK
+    if not varlen_supports(q, k_cache):
+        if not _FELL_BACK:
+            _FELL_BACK = True
+            print(f"[tanuki] inference attention: {q.dtype}, {k_cache.shape[1]}-token pages, head dim "
+                  f"{q.shape[-1]} -> paged-sdpa (torch varlen_attn needs fp16/bf16 and 256-token pages)", flush=True)
+        return paged_sdpa(q, k_cache, v_cache, cu_seqlens_q, cu_seqlens_k, seqlens_k, block_table, scale)
+    from torch.nn.attention.varlen import varlen_attn_out
 
-    tokens = q.shape[0]
-    out = varlen_attn(q.reshape(tokens, q.shape[-2], q.shape[-1]), k_cache, v_cache,
-                      cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale=scale,
-                      window_size=(-1, 0), enable_gqa=k_cache.shape[-2] != q.shape[-2],
-                      seqused_k=seqlens_k, block_table=block_table)
+    q3 = q.reshape(q.shape[0], q.shape[-2], q.shape[-1])
+    out = torch.zeros_like(q3)
+    varlen_attn_out(out, q3, k_cache, v_cache, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                    scale=scale, window_size=(-1, 0), enable_gqa=k_cache.shape[-2] != q.shape[-2],
+                    seqused_k=seqlens_k, block_table=block_table)
     return out.unsqueeze(1)

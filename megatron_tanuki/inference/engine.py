@@ -138,16 +138,18 @@ class _ImageSlots:
         codes = ids[rows] - IMAGE_MARK
         slots, offsets = codes // _SLOT_SPAN, codes % _SLOT_SPAN
         self._encode(sorted(set(slots.tolist())), emb.device)
-        feats = torch.stack([self.features[s][o] for s, o in zip(slots.tolist(), offsets.tolist())])
         emb = emb.clone()
-        emb[rows, 0] = feats.to(emb.dtype)
+        for s in sorted(set(slots.tolist())):  # one gather per image, not one per position
+            here = slots == s
+            emb[rows[here], 0] = self.features[s][offsets[here]].to(emb.dtype)
         return emb
 
     def _encode(self, slots, device) -> None:
         todo = [s for s in slots if s not in self.features]
         if not todo:
             return
-        pixels = torch.stack([self.pixels[s] for s in todo]).to(device)
+        dtype = next(self.vision.vision_model.parameters()).dtype  # a bf16 tower takes bf16 pixels
+        pixels = torch.stack([self.pixels[s] for s in todo]).to(device=device, dtype=dtype)
         with torch.no_grad():
             feats = self.vision.image_features(pixels)
         for s, f in zip(todo, feats):
@@ -174,11 +176,27 @@ def _wrapper_class():
             if self.images is not None and model.pre_process:
                 live = self.inference_context.active_token_count
                 decoder_input = self.images.embed(model.embedding, tokens, position_ids, live)
+                if model.config.sequence_parallel:  # TanukiVisionModel turned the embedding's own
+                    # scatter off (features are written first); the decoder wants its sequence shard
+                    from megatron.core.tensor_parallel import scatter_to_sequence_parallel_region
+
+                    decoder_input = scatter_to_sequence_parallel_region(decoder_input)
                 tokens = tokens.clamp_max(IMAGE_MARK - 1) % model.vocab_size
             return model(tokens, position_ids, None, decoder_input=decoder_input,
                          inference_context=self.inference_context, runtime_gather_output=True)
 
     return TanukiInferenceWrapper
+
+
+def _world_min(value: float) -> float:
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return value
+    t = torch.tensor([float(value)], dtype=torch.float64,
+                     device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return float(t.item())
 
 
 def kv_bytes_per_token(language_model) -> int:
@@ -230,13 +248,17 @@ class Engine:
         self.images = _ImageSlots(self.vision) if self.vision is not None and self.vision.pre_process else None
         self.num_image_tokens = self.vision.cfg.num_image_tokens if self.vision is not None else 0
 
-        gb = kv_memory_gb(options)
+        # Every rank must size the cache alike (free memory differs between GPUs; pipeline stages hold
+        # different layers): a request one rank admits and another pauses would desynchronize the
+        # collectives. megatron-core reconciles block counts over PP only; we take the minimum
+        # over the world of the budget and of the request limit.
+        gb = _world_min(kv_memory_gb(options))
         per_token = kv_bytes_per_token(self.language_model)
         self.kv_gb = gb
         cfg = InferenceConfig(
             max_sequence_length=options.max_sequence_length, buffer_size_gb=gb,
             block_size_tokens=options.block_size, max_tokens=options.max_tokens,
-            max_requests=self._max_requests(gb, per_token), enable_chunked_prefill=options.chunked_prefill,
+            max_requests=int(_world_min(self._max_requests(gb, per_token))), enable_chunked_prefill=options.chunked_prefill,
             materialize_only_last_token_logits=not options.prompt_logprobs,
             offset_sampling_seed_by_dp_rank=False, logprobs_mode="processed_logprobs")
         # Our MoE layers keep the training (all-to-all) dispatcher and the Tanuki router: megatron-core's
@@ -257,6 +279,7 @@ class Engine:
             self.context.memory_buffer.zero_()
         self.blocks = self.context.kv_block_allocator.total_count - 1
         self._next_id = 0
+        self._next_slot = 0
         self._live: dict[int, dict] = {}      # megatron request id -> our bookkeeping
         self.steps = 0
         self.trace: list[tuple[int, list[str]]] = []   # (step, keys in that step's batch) when tracing
@@ -288,7 +311,10 @@ class Engine:
             if i != IMAGE_TOKEN_ID:
                 out.append(i)
                 continue
-            slot = self.images.add(images[len(slots)]) if self.images is not None else len(slots)
+            # every stage numbers slots alike (prompt tokens agree across ranks); only the first
+            # stage keeps pixels
+            slot = self.images.add(images[len(slots)]) if self.images is not None else self._next_slot
+            self._next_slot = slot + 1
             slots.append(slot)
             out.extend(IMAGE_MARK + slot * _SLOT_SPAN + k for k in range(self.num_image_tokens))
         return out, (slots if self.images is not None else [])

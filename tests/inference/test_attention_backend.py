@@ -153,3 +153,16 @@ def test_install_prints_the_choice_once_and_replaces_rearrange_without_einops():
     result = [line for line in lines if line.startswith("RESULT ")]
     assert result == ["RESULT ['paged-sdpa', 'paged-sdpa', 'paged-sdpa'] paged-sdpa paged-sdpa (3, 2, 20) True "
                       "True megatron_tanuki: paged_sdpa (inference/attention_backend.py)"]
+
+
+def test_torch_varlen_path_takes_the_paged_sdpa_where_fa2_cannot_run(capsys):
+    """The CUDA backend's own guard: fp32, 8-token pages or a CPU tensor go to the paged SDPA (exact)
+    with one line saying why; PyTorch's FA2 would refuse them (fp16/bf16 and 256-token pages only)."""
+    case = make_case([5, 1, 3], [5, 9, 3], block=8)
+    assert not attention_backend.varlen_supports(case["q"], case["k_cache"])
+    out = attention_backend._torch_varlen(**case, max_seqlen_q=5, max_seqlen_k=9)
+    want = attention_backend.paged_sdpa(**case)
+    assert torch.equal(out, want)
+    attention_backend._torch_varlen(**case, max_seqlen_q=5, max_seqlen_k=9)
+    printed = capsys.readouterr().out
+    assert printed.count("-> paged-sdpa (torch varlen_attn needs fp16/bf16 and 256-token pages)") == 1
