@@ -468,11 +468,14 @@ class Engine:
         only from its next step's bookkeeping."""
         return self.engine.has_unfinished_requests() or bool(self.engine.failed_request_ids)
 
-    def run(self, requests, on_done=None, max_waiting: int | None = None):
+    def run(self, requests, max_waiting: int | None = None):
         """Feed ``requests`` (iterable of (key, prompt ids, SamplingOptions, images)) and step until
         all finish; yields Completions as they finish (errors at submit included). Keeps at most
-        ``max_waiting`` requests queued beyond what runs (default: twice the in-flight limit)."""
-        cap = max_waiting or 2 * self.context.max_requests
+        ``max_waiting`` requests submitted at once (default: twice the in-flight limit; with images,
+        the limit plus 32 -- a queued image holds its float32 pixels, 7 MB at 768 px, until its
+        prefill encodes it)."""
+        limit = self.context.max_requests
+        cap = max_waiting or (limit + 32 if self.vision is not None else 2 * limit)
         it = iter(requests)
         exhausted = False
         while True:
