@@ -24,11 +24,13 @@ setup(
         "psutil",  # megatron-core dist_checkpointing writers need it
         "pillow",  # images for Tanuki-vision
         "tensorboard",  # training scalars (torch.utils.tensorboard)
+        "fastapi",  # `tanuki serve` (OpenAI-compatible HTTP)
+        "uvicorn",
     ],
     extras_require={
         # GPU clusters: Transformer Engine brings fused kernels, grouped-GEMM experts and FP8.
         "te": ["transformer-engine[pytorch]"],
-        "test": ["pytest", "pytest-timeout"],
+        "test": ["pytest", "pytest-timeout", "openai", "httpx"],  # openai: the real client against `tanuki serve`
     },
     entry_points={"console_scripts": ["tanuki=megatron_tanuki.cli:main"]},
 )
