@@ -57,6 +57,7 @@ class SamplingOptions:
     top_k: int = 0
     stop: tuple[str, ...] = ()
     logprobs: bool = False
+    top_logprobs: int = 0                # the n most likely tokens (text -> log-prob) at each position
     seed: int | None = None              # overrides the run seed for this request
     score_tokens: tuple[int, ...] = ()   # record P(token) at the prompt's end (no generation)
 
@@ -77,6 +78,8 @@ class Completion:
     finish_reason: str = "length"        # "stop" | "length" | "error"
     prompt_tokens: int = 0
     logprobs: list[float] | None = None
+    top_logprobs: list[dict] | None = None
+    request_id: int = -1                 # the engine's id (submit's return value); -1: never submitted
     prompt_logprobs: list[float] | None = None
     scores: list[float] | None = None
     error: str | None = None
@@ -353,7 +356,8 @@ class Engine:
             temperature=1.0 if greedy else float(sampling.temperature), top_k=1 if greedy else int(sampling.top_k),
             top_p=0.0 if greedy or sampling.top_p >= 1 else float(sampling.top_p),
             num_tokens_to_generate=want, termination_id=self.tok.eos_id,
-            return_log_probs=bool(sampling.logprobs or self.options.prompt_logprobs),
+            return_log_probs=bool(sampling.logprobs or sampling.top_logprobs or self.options.prompt_logprobs),
+            top_n_logprobs=int(sampling.top_logprobs),
             skip_prompt_log_probs=not self.options.prompt_logprobs)
         self.sampling.seeds[rid] = request_seed(self.options.seed if sampling.seed is None else sampling.seed, key)
         if sampling.score_tokens:
@@ -420,6 +424,30 @@ class Engine:
         since then; the stop-string cut counts from the first generated token."""
         return [int(t) for r in self.engine.requests[rid].record.requests for t in r.generated_tokens]
 
+    def generated(self, rid: int) -> list[int]:
+        """Tokens a live request has generated so far (streaming); [] before its first token."""
+        return self._generated(rid) if rid in self._live and rid in self.engine.requests else []
+
+    def cancel(self, rid: int) -> bool:
+        """Stop a live request (a client went away) and free its KV blocks; call on every rank alike.
+        A request still waiting is dropped now (True); a running one finishes at the next step, its
+        Completion has ``finish_reason`` "cancelled" (False). Unknown ids are ignored."""
+        live = self._live.get(rid)
+        if live is None:
+            return False
+        waiting = self.engine.waiting_request_ids
+        if rid in waiting and rid != getattr(self.context, "chunked_prefill_request_id", None):
+            waiting.remove(rid)
+            self.engine.requests.pop(rid, None)
+            self._live.pop(rid)
+            self._release(live["slots"])
+            for table in (self.sampling.seeds, self.sampling.scores, self.sampling.prompts, self.sampling.recorded):
+                table.pop(rid, None)
+            return True
+        live["cancelled"] = True
+        self.engine.stop_word_finished_request_ids.add(rid)
+        return False
+
     def _finish(self, req) -> Completion:
         live = self._live.pop(req.request_id)
         self._release(live["slots"])
@@ -428,12 +456,15 @@ class Engine:
         self.sampling.prompts.pop(req.request_id, None)
         recorded = self.sampling.recorded.pop(req.request_id, None)
         sampling: SamplingOptions = live["sampling"]
-        out = Completion(key=live["key"], prompt_tokens=live["prompt_tokens"])
+        out = Completion(key=live["key"], prompt_tokens=live["prompt_tokens"], request_id=req.request_id)
+        if live.get("cancelled"):
+            out.finish_reason, out.tokens = "cancelled", [int(t) for t in req.generated_tokens]
+            return out
         if getattr(req.status, "name", "") == "FAILED":
             out.finish_reason, out.error = "error", _failure(req)
             return out
         tokens = [int(t) for t in req.generated_tokens]
-        logprobs = list(req.generated_log_probs or []) if sampling.logprobs else None
+        logprobs = list(req.generated_log_probs or []) if sampling.logprobs or sampling.top_logprobs else None
         if sampling.score_tokens:
             out.scores = recorded
             out.finish_reason = "stop"
@@ -452,6 +483,8 @@ class Engine:
             out.text = self.tok.decode(tokens)
         if logprobs is not None:
             out.logprobs = logprobs[:len(tokens)]
+        if sampling.top_logprobs:
+            out.top_logprobs = list(req.generated_top_n_logprobs or [])[:len(tokens)]
         if self.options.prompt_logprobs:
             out.prompt_logprobs = list(req.prompt_log_probs or [])
         return out
