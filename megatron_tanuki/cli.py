@@ -11,6 +11,8 @@
     tanuki generate --ckpt CKPT --input IN.jsonl --output OUT.jsonl [--tp N --pp N --ep N | --nproc N]
                     [--max-tokens N --temperature T --top-p P --top-k K --seed S] [--chat NAME]
                     [--stop STR ...] [--kv-memory-gb GB] [--score yes,no [--prompt-logprobs]] [--logprobs]
+    tanuki serve --ckpt CKPT [--tp N --pp N --ep N | --nproc N] [--host 127.0.0.1 --port 8000] [--api-key KEY]
+                 [--served-model-name NAME] [--max-concurrency N] [--max-prompt-tokens N] [--max-tokens-limit N]
     tanuki upcycle --dense DIR --experts 8 --noise 0.001 --seed 0 --out DIR [--to hf|mcore]
 
 A user error is one line on stderr (exit 2); a crash also keeps its traceback in a
@@ -148,6 +150,17 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    from megatron_tanuki.serve.options import ServeOptions
+    from megatron_tanuki.serve.server import run
+
+    fields = ServeOptions.__dataclass_fields__
+    opts = ServeOptions(**{k: v for k, v in vars(args).items() if k in fields})
+    run(opts)
+    print("tanuki serve: stopped", file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tanuki", description="Tanuki LLMs on Megatron-Core")
     p.add_argument("--version", action=_Version, nargs=0, help="versions of tanuki and its numerics stack")
@@ -231,6 +244,32 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: the shipped Tanuki tokenizer)")
     g.add_argument("--dtype", choices=["fp32", "bf16"], default=None, help="default: the checkpoint's")
     g.set_defaults(func=cmd_generate)
+
+    sv = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (chat/completions, streaming) on the engine")
+    sv.add_argument("--ckpt", required=True, help="a megatron_tanuki checkpoint (or a training run's folder)")
+    for name in ("tp", "pp", "ep"):
+        sv.add_argument(f"--{name}", type=int, default=1)
+    sv.add_argument("--nproc", type=int, default=None, help="local ranks (default TP*PP*EP)")
+    sv.add_argument("--host", default="127.0.0.1", help="bind address (default loopback; others need --api-key)")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (default: $TANUKI_API_KEY)")
+    sv.add_argument("--insecure-no-api-key", action="store_true", help="allow a non-loopback --host without a key")
+    sv.add_argument("--served-model-name", default=None, help="the model id clients use (default: the ckpt folder name)")
+    sv.add_argument("--max-concurrency", type=int, default=256, help="requests in progress; more get 429")
+    sv.add_argument("--max-prompt-tokens", type=int, default=None, help="longer prompts get 400 (default: the context)")
+    sv.add_argument("--max-tokens-limit", type=int, default=None, help="ceiling for max_tokens (default: the context)")
+    sv.add_argument("--max-seq-len", type=int, default=None, help="prompt + completion (default: the model's)")
+    sv.add_argument("--kv-memory-gb", type=float, default=None, help="KV cache per rank (default: half the free GPU memory)")
+    sv.add_argument("--max-tokens-per-step", type=int, default=8192, help="tokens per forward (multiple of 64)")
+    sv.add_argument("--allow-local-images", default=None, metavar="DIR",
+                    help="image_url may be a file path inside DIR (default: data: URLs only)")
+    sv.add_argument("--chat", default=None, help="chat template (default tanuki; llava-v1 for Tanuki-vision)")
+    sv.add_argument("--shutdown-grace", dest="shutdown_grace_s", type=float, default=30.0,
+                    help="on SIGTERM, seconds to finish in-flight requests before cancelling them")
+    sv.add_argument("--seed", type=int, default=0)
+    sv.add_argument("--dtype", choices=["fp32", "bf16"], default=None, help="default: the checkpoint's")
+    sv.add_argument("--tokenizer", default=None)
+    sv.set_defaults(func=cmd_serve)
 
     tr = sub.add_parser("train", help="pretrain / SFT / VLM stage 1-2 from a YAML config (examples/)")
     launch.add_arguments(tr)

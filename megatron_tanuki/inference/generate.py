@@ -321,8 +321,9 @@ def _groups():
     return group, groups, writer
 
 
-def load_model(job: GenerateJob):
-    """(cfg, chunks, hf_vocab) on this rank: the checkpoint's architecture in the job's layout."""
+def load_model(job):
+    """(cfg, chunks, hf_vocab) on this rank: the checkpoint's architecture in the job's layout.
+    ``job``: anything with ``ckpt``, ``tp``, ``pp``, ``ep``, ``dtype`` (GenerateJob, ServeOptions)."""
     from megatron_tanuki.convert.verify import load_checkpoint
     from megatron_tanuki.models import registry
     from megatron_tanuki.models.checkpoint_meta import read_meta, resolve
