@@ -144,6 +144,10 @@ case $FAKE_SRUN in
   finish) save 5; echo 5 > "$dir/finished"; exit 0 ;;
   checkpoint-on-usr1) trap 'echo usr1 >> "$FAKE_LOG"; save 7; exit 0' USR1 ;;
   ignore-usr1) trap 'echo usr1 >> "$FAKE_LOG"' USR1 ;;
+  # a server's ranks: srun itself must not be signalled (it turns SIGTERM into SIGKILL of the ranks);
+  # USR2 stands for the SIGTERM Slurm delivers to the ranks, which drain and exit 0
+  serve) echo "ranks: $* key=$TANUKI_API_KEY" >> "$FAKE_LOG"
+         trap 'echo "srun got TERM" >> "$FAKE_LOG"; exit 1' TERM; trap 'echo drained >> "$FAKE_LOG"; exit 0' USR2 ;;
 esac
 echo $$ > "$FAKE_READY.tmp" && mv "$FAKE_READY.tmp" "$FAKE_READY"
 while :; do sleep 0.1; done
@@ -154,12 +158,16 @@ case $1 in
   show) printf '%s\n' gpu-a01 gpu-a02 gpu-a05 gpu-b10 gpu-b11 ;;
 esac
 """
+FAKE_SCANCEL = r"""#!/bin/bash
+echo "scancel $*" >> "$FAKE_LOG"
+[[ -f $FAKE_READY ]] && kill -USR2 "$(cat "$FAKE_READY")"
+"""
 
 
 def _fake_slurm(tmp_path):
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
-    for name, text in (("srun", FAKE_SRUN), ("scontrol", FAKE_SCONTROL)):
+    for name, text in (("srun", FAKE_SRUN), ("scontrol", FAKE_SCONTROL), ("scancel", FAKE_SCANCEL)):
         (bin_dir / name).write_text(text)
         (bin_dir / name).chmod(stat.S_IRWXU)
     return {"PATH": f"{bin_dir}:{os.environ['PATH']}", "FAKE_LOG": str(tmp_path / "log"),
@@ -235,3 +243,159 @@ def test_vlm_8x8b_runs_locally_on_two_cpu_ranks(tmp_path):
     assert r.returncode == 1 and "stage 1 already finished" not in r.stdout and not srun_lines(r.stdout)
     assert (f"run folder {run}/stage1 holds a checkpoint of model.preset=tanuki-vision-8x8b-tiny "
             f"train.mode=vlm_stage1") in r.stderr
+
+
+# --- slurm/serve.sh: one `tanuki serve` over the allocation ------------------------------------
+KEY = "sk-tanuki-test-0123456789"
+
+
+def _serve_env(tmp_path, **extra):
+    fake = _fake_slurm(tmp_path) if not (tmp_path / "bin").exists() else {
+        "PATH": f"{tmp_path / 'bin'}:{os.environ['PATH']}", "FAKE_LOG": str(tmp_path / "log"),
+        "FAKE_READY": str(tmp_path / "ready"), "LOG_DIR": str(tmp_path / "logs")}
+    return {**SLURM_ENV, **fake, "SLURM_JOB_NODELIST": "gpu-a[01-02]", **extra}
+
+
+def test_serve_dry_run_two_nodes_takes_the_key_from_the_environment(tmp_path):
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    r = sh("serve.sh", str(ckpt), "--served-model-name", "tanuki-8x8b", "--max-concurrency", "64",
+           env=_serve_env(tmp_path, DRY_RUN="1", TANUKI_API_KEY=KEY))
+    assert r.returncode == 0, r.stderr
+    (cmd,) = srun_lines(r.stdout)
+    assert cmd.rstrip() == (
+        f"srun --nodes=2 --ntasks-per-node=8 --gpus-per-node=8 --cpus-per-task=12 --kill-on-bad-exit=1 "
+        f"--output={tmp_path}/logs/%x-%j-serve.out {ROOT}/.venv/bin/python -m megatron_tanuki.cli serve "
+        f"--ckpt {ckpt} --tp 8 --pp 2 --host 0.0.0.0 --port 8000 --served-model-name tanuki-8x8b --max-concurrency 64")
+    assert r.stdout.splitlines()[0].endswith(" MASTER_ADDR=gpu-a01")  # the ranks' rendezvous: the first node
+    assert "[slurm] tanuki serve: http://gpu-a01:8000/v1 once loaded" in r.stderr
+    assert "[slurm] layout TP=8 PP=2 EP=1 on 2 node(s) x 8 GPU(s)" in r.stderr
+    assert KEY not in r.stdout + r.stderr and "--api-key" not in cmd  # the ranks read TANUKI_API_KEY
+
+    # TP=/PP=/EP=/PORT= from the environment; a flag wins over its variable; EP alone shrinks the default TP
+    r = sh("serve.sh", str(ckpt), "--pp=1", "--chat", "tanuki",
+           env=_serve_env(tmp_path, DRY_RUN="1", TANUKI_API_KEY=KEY, EP="8", PP="2", PORT="9001"))
+    assert r.returncode == 0, r.stderr
+    (cmd,) = srun_lines(r.stdout)
+    assert cmd.rstrip().endswith(f"serve --ckpt {ckpt} --tp 1 --pp 1 --ep 8 --host 0.0.0.0 --port 9001 --chat tanuki")
+    assert "http://gpu-a01:9001/v1" in r.stderr
+
+    # LOCAL=1: this machine, the CLI's loopback default, no key needed
+    env = {"LOCAL": "1", "DRY_RUN": "1", "TP": "2", "LOG_DIR": str(tmp_path / "logs")}
+    r = sh("serve.sh", str(ckpt), "--nproc", "2", env=env)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines()[-1].rstrip() == (f"{ROOT}/.venv/bin/python -m megatron_tanuki.cli serve --ckpt {ckpt} "
+                                                  f"--tp 2 --port 8000 --nproc 2")
+    assert "[slurm] tanuki serve: http://127.0.0.1:8000/v1 once loaded" in r.stderr
+
+    header = open(os.path.join(ROOT, "slurm", "serve.sh")).read()
+    assert "#SBATCH --signal=TERM@120" in header and "#SBATCH --requeue" not in header
+
+
+def test_serve_refuses_a_public_bind_without_a_key(tmp_path):
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    env = _serve_env(tmp_path, DRY_RUN="1", TANUKI_API_KEY="")  # empty: no key, whatever the caller's environment
+    r = sh("serve.sh", str(ckpt), env=env)
+    assert r.returncode == 2 and not srun_lines(r.stdout)
+    assert ("[slurm] refusing to serve on 0.0.0.0 without an API key: export TANUKI_API_KEY=... before sbatch "
+            "(it reaches the ranks through the environment, never the command line or the log), or give "
+            "--host 127.0.0.1 (the first node only)") in r.stderr
+    # a key on the command line would land in `scontrol show job` and the log: refused, and not echoed
+    r = sh("serve.sh", str(ckpt), "--api-key", KEY, env=env)
+    assert r.returncode == 2 and not srun_lines(r.stdout) and KEY not in r.stdout + r.stderr
+    assert "[slurm] refusing --api-key on the command line" in r.stderr
+    # loopback (the first node only) needs no key
+    r = sh("serve.sh", str(ckpt), "--host", "127.0.0.1", env=env)
+    assert r.returncode == 0 and "--host 127.0.0.1 --port 8000" in srun_lines(r.stdout)[0], r.stderr
+    assert "[slurm] tanuki serve: http://127.0.0.1:8000/v1 on gpu-a01 only" in r.stderr
+    # usage and a missing checkpoint: before anything else
+    r = sh("serve.sh", env=env)
+    assert r.returncode == 2 and "usage: slurm/serve.sh CKPT" in r.stderr
+    r = sh("serve.sh", str(tmp_path / "nope"), env={**env, "TANUKI_API_KEY": KEY})
+    assert r.returncode == 2 and f"[slurm] checkpoint {tmp_path}/nope: no such file or folder" in r.stderr
+
+
+def test_serve_sigterm_reaches_the_ranks_through_slurm_not_srun(tmp_path):
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    env.update(_serve_env(tmp_path, FAKE_SRUN="serve", TANUKI_API_KEY=KEY))
+    proc = subprocess.Popen(["bash", os.path.join(ROOT, "slurm", "serve.sh"), str(ckpt)], env=env, cwd="/",
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    ready = tmp_path / "ready"
+    try:
+        deadline = time.time() + 30
+        while not ready.exists():
+            assert proc.poll() is None and time.time() < deadline, proc.communicate()
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)  # scancel --batch, or a kill of the batch shell
+        out, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        if ready.exists():
+            try:
+                os.kill(int(ready.read_text()), signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    assert proc.returncode == 0, out + err
+    log = (tmp_path / "log").read_text().splitlines()
+    # srun's arguments; the environment, not the command line, carries the key to the ranks
+    assert log[0] == (f"ranks: --nodes=2 --ntasks-per-node=8 --gpus-per-node=8 --cpus-per-task=12 --kill-on-bad-exit=1 "
+                      f"--output={tmp_path}/logs/%x-%j-serve.out {ROOT}/.venv/bin/python -m megatron_tanuki.cli serve "
+                      f"--ckpt {ckpt} --tp 8 --pp 2 --host 0.0.0.0 --port 8000 key={KEY}")
+    assert log[1:] == ["scancel --signal=TERM 4242", "drained"]  # never "srun got TERM"
+    assert "[slurm] SIGTERM: passing it to the ranks (scancel --signal=TERM 4242)" in err
+    assert "[slurm] tanuki serve exited with status 0" in err
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_serve_local_answers_health_and_drains_on_sigterm(tmp_path):
+    """LOCAL=1 on a tiny dense checkpoint: /health answers on loopback without a key; SIGTERM to the
+    script's process group (the server is exec'd in its place) ends it with exit 0 within the grace."""
+    import urllib.request
+
+    import torch
+
+    from megatron_tanuki.convert import engine
+    from tests.convert import tiny_hf
+
+    tiny_hf.save(tiny_hf.dense_model(0), str(tmp_path / "hf"), dtype=torch.float32)
+    engine.hf_to_mcore(str(tmp_path / "hf"), str(tmp_path / "ck"))  # what `tanuki convert hf-to-mcore` runs
+    port, grace = _free_port(), 5
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("SLURM_") and k not in ("RANK", "WORLD_SIZE", "TANUKI_API_KEY", "TANUKI_DEBUG")}
+    env.update({"LOCAL": "1", "PORT": str(port), "OMP_NUM_THREADS": "1", "LOG_DIR": str(tmp_path / "logs")})
+    log = open(tmp_path / "serve.log", "w+")
+    proc = subprocess.Popen(["bash", os.path.join(ROOT, "slurm", "serve.sh"), str(tmp_path / "ck"),
+                             "--kv-memory-gb", "0.05", "--shutdown-grace", str(grace)],
+                            env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline, status = time.time() + 120, None
+        while status != 200:
+            assert proc.poll() is None, open(tmp_path / "serve.log").read()[-3000:]
+            assert time.time() < deadline, "no /health within 120 s: " + open(tmp_path / "serve.log").read()[-3000:]
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as resp:
+                    status = resp.status
+            except OSError:
+                time.sleep(0.5)
+        os.killpg(proc.pid, signal.SIGTERM)
+        rc = proc.wait(timeout=grace + 20)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        log.close()
+    text = open(tmp_path / "serve.log").read()
+    assert rc == 0, text[-3000:]
+    assert f"[slurm] tanuki serve: http://127.0.0.1:{port}/v1 once loaded" in text
+    assert f"[tanuki] serve: SIGTERM: draining (up to {grace} s)" in text  # the server's own handler ran
