@@ -24,6 +24,7 @@ from megatron_tanuki.inference.engine import Completion, Engine, RequestError, S
 
 HEARTBEAT_S = 1.0
 IDLE_WAIT_S = 0.02
+SHUTDOWN_ERROR = "the server is shutting down: this request did not finish within the shutdown grace period"
 
 
 @dataclass
@@ -58,13 +59,18 @@ class _Stream:
         self.job = job
         self.sent_text = ""
         self.sent_tokens = 0
-        self.hold = max((len(s) for s in job.sampling.stop), default=1) - 1
+        self.stops = [s for s in job.sampling.stop if s]
+        self.hold = max((len(s) for s in self.stops), default=1) - 1
 
     def delta(self, tok, tokens: list[int], logprobs) -> Event | None:
+        """The text that is safe to send: it ends before the first complete stop string (the engine
+        finishes such a request one step later, with one more token it then drops) and before the
+        last ``hold`` characters (they may begin a stop string), on a whole character."""
         if len(tokens) <= self.sent_tokens:
             return None
         text = tok.decode(tokens)
-        safe = len(text) - self.hold
+        hits = [text.find(s) for s in self.stops if s in text]
+        safe = min(hits) if hits else len(text) - self.hold
         while safe > len(self.sent_text) and text[safe - 1] == "\ufffd":  # an unfinished UTF-8 character
             safe -= 1
         if safe <= len(self.sent_text) or not text.startswith(self.sent_text):
@@ -179,6 +185,26 @@ class EngineLoop:
         self._jobs.pop(handle, None)
         self._streams.pop(handle, None)
 
+    def _abandon(self, handle: int) -> None:
+        """Leader, grace over: the job's caller gets its last event now (a cancelled request sends
+        none of its own) and nothing after it; the cancel reaches every rank with the next broadcast."""
+        if self._jobs.get(handle) is None:
+            return
+        self._emit(handle, Event("error", error=SHUTDOWN_ERROR))
+        self._jobs[handle] = None
+        self._streams.pop(handle, None)
+        self.inbox.put(("cancel", handle, None))
+
+    def _refuse_unsent(self) -> None:
+        """Leader, leaving: jobs submitted after the last broadcast are answered, not left waiting."""
+        while self.leader:
+            try:
+                kind, handle, job = self.inbox.get_nowait()
+            except queue.Empty:
+                return
+            if kind == "add" and job.sink is not None:
+                job.sink(Event("error", error=SHUTDOWN_ERROR, prompt_tokens=len(job.prompt)))
+
     def _publish(self, done: list[Completion]) -> None:
         finished = set()
         for c in done:
@@ -216,10 +242,11 @@ class EngineLoop:
                 self.stopping.set()
             if exit_at is not None:
                 if not self.engine.has_work():
+                    self._refuse_unsent()
                     return
                 if time.monotonic() >= exit_at and self.leader:  # grace over: cancel what is left
                     for handle in list(self._rid):
-                        self.inbox.put(("cancel", handle, None))
+                        self._abandon(handle)
             if self.engine.has_work():
                 done = self.engine.step()
                 self._publish(done)
