@@ -11,6 +11,11 @@ The HTTP side (another thread on rank 0) talks to :class:`EngineLoop` only throu
 :meth:`EngineLoop.submit` / :meth:`EngineLoop.cancel` / :meth:`EngineLoop.shutdown` (a thread-safe
 queue) and receives :class:`Event` objects through each job's ``sink`` callback (called on the loop
 thread: the server hands them to its event loop with ``call_soon_threadsafe``).
+
+Every job submitted gets a last event ("done" or "error"), except one its caller cancelled: at
+shutdown, jobs still running when the grace period ends, and jobs that arrive after the last
+broadcast, get an "error" event (:data:`SHUTDOWN_ERROR`), so no HTTP request waits on a loop
+that has gone.
 """
 from __future__ import annotations
 
@@ -102,25 +107,38 @@ class EngineLoop:
 
     def __init__(self, engine: Engine, tok, leader: bool, world_size: int = 1):
         self.engine, self.tok, self.leader, self.world = engine, tok, leader, world_size
-        self.inbox: queue.Queue = queue.Queue()
+        # SimpleQueue: its put is reentrant, and shutdown() is called from a signal handler that may
+        # interrupt this thread inside get() (a queue.Queue would deadlock on its own lock there)
+        self.inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._handles = itertools.count()
         self._rid: dict[int, int] = {}          # handle -> engine request id
         self._handle_of: dict[int, int] = {}    # engine request id -> handle
         self._jobs: dict[int, Job] = {}         # handle -> job (leader)
         self._streams: dict[int, _Stream] = {}
         self.stopping = threading.Event()
+        self._closing = threading.Lock()
+        self._closed = False                    # serve_forever has returned: submit answers at once
         self.stats = {"waiting": 0, "in_flight": 0, "kv_usage": 0.0, "steps": 0}
 
     # -- the HTTP thread's side ------------------------------------------------------------------
     def submit(self, job: Job) -> int:
+        """Queue a job; once the loop has returned, the job's sink hears the shutdown error at once
+        (a request that passed the HTTP side's "stopping" check just before SIGTERM must not wait
+        for an answer that would never come)."""
         handle = next(self._handles)
-        self.inbox.put(("add", handle, job))
+        with self._closing:
+            if not self._closed:
+                self.inbox.put(("add", handle, job))
+                return handle
+        if job.sink is not None:
+            job.sink(Event("error", error=SHUTDOWN_ERROR, prompt_tokens=len(job.prompt)))
         return handle
 
     def cancel(self, handle: int) -> None:
         self.inbox.put(("cancel", handle, None))
 
     def shutdown(self, grace_s: float) -> None:
+        """Stop after in-flight jobs finish or ``grace_s`` passes; safe to call from a signal handler."""
         self.inbox.put(("exit", grace_s, None))
 
     # -- every rank ------------------------------------------------------------------------------
@@ -196,7 +214,9 @@ class EngineLoop:
         self.inbox.put(("cancel", handle, None))
 
     def _refuse_unsent(self) -> None:
-        """Leader, leaving: jobs submitted after the last broadcast are answered, not left waiting."""
+        """Leaving: jobs submitted after the last broadcast are answered, not left waiting."""
+        with self._closing:
+            self._closed = True
         while self.leader:
             try:
                 kind, handle, job = self.inbox.get_nowait()

@@ -13,7 +13,6 @@ import ipaddress
 import os
 import signal
 import socket
-import sys
 import threading
 import time
 
@@ -101,9 +100,11 @@ def serve_rank(opts: ServeOptions) -> dict:
     http = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="tanuki-http", daemon=True)
 
     def stop(signum, _frame):
+        # runs on the main thread between two bytecodes of the engine loop: only reentrant calls here
+        # (os.write, not print -- the thread may be inside a print; the loop's inbox is a SimpleQueue)
         if not loop.stopping.is_set():
-            print(f"[tanuki] serve: {signal.Signals(signum).name}: draining (up to {opts.shutdown_grace_s:g} s)",
-                  file=sys.stderr, flush=True)
+            os.write(2, f"[tanuki] serve: {signal.Signals(signum).name}: draining (up to "
+                        f"{opts.shutdown_grace_s:g} s)\n".encode())
             loop.stopping.set()
             loop.shutdown(opts.shutdown_grace_s)
 
