@@ -67,7 +67,7 @@ class _Stream:
         self.stops = [s for s in job.sampling.stop if s]
         self.hold = max((len(s) for s in self.stops), default=1) - 1
 
-    def delta(self, tok, tokens: list[int], logprobs) -> Event | None:
+    def delta(self, tok, tokens: list[int], logprobs, top=None) -> Event | None:
         """The text that is safe to send: it ends before the first complete stop string (the engine
         finishes such a request one step later, with one more token it then drops) and before the
         last ``hold`` characters (they may begin a stop string), on a whole character."""
@@ -82,7 +82,8 @@ class _Stream:
             return None
         new_tokens = tokens[self.sent_tokens:]
         event = Event("delta", text=text[len(self.sent_text):safe], tokens=new_tokens,
-                      logprobs=list(logprobs[self.sent_tokens:len(tokens)]) if logprobs is not None else None)
+                      logprobs=list(logprobs[self.sent_tokens:len(tokens)]) if logprobs is not None else None,
+                      top_logprobs=list(top[self.sent_tokens:len(tokens)]) if top is not None else None)
         self.sent_text, self.sent_tokens = text[:safe], len(tokens)
         return event
 
@@ -243,11 +244,16 @@ class EngineLoop:
             if rid is None or handle in finished:
                 continue
             tokens = self.engine.generated(rid)
-            logprobs = None
-            if stream.job.sampling.logprobs and rid in self.engine.engine.requests:
-                logprobs = list(self.engine.engine.get_request(rid).generated_log_probs or [])
+            logprobs = top = None
+            sampling = stream.job.sampling
+            if (sampling.logprobs or sampling.top_logprobs) and rid in self.engine.engine.requests:
+                req = self.engine.engine.get_request(rid)  # (since an eviction only: then None, sent at the end)
+                logprobs = list(req.generated_log_probs or [])
                 logprobs = logprobs if len(logprobs) >= len(tokens) else None
-            event = stream.delta(self.tok, tokens, logprobs)
+                if sampling.top_logprobs:
+                    top = list(req.generated_top_n_logprobs or [])
+                    top = top if len(top) >= len(tokens) else None
+            event = stream.delta(self.tok, tokens, logprobs, top)
             if event is not None:
                 self._emit(handle, event)
 

@@ -358,6 +358,12 @@ def test_chat_logprobs_shape(http):
         values = [t["logprob"] for t in e["top_logprobs"]]
         assert values == sorted(values, reverse=True)
 
+    # streamed, every token's top_logprobs arrive in the chunk that carries it, equal to the whole answer's
+    chunks = _stream(client, CHAT, {"model": MODEL, "messages": Q, "max_tokens": 6, "temperature": 0.7, "seed": 3,
+                                    "logprobs": True, "top_logprobs": 3, "stream": True})
+    streamed = [e for c in chunks if isinstance(c, dict) for ch in c["choices"] if ch.get("logprobs") for e in ch["logprobs"]["content"]]
+    assert [e["top_logprobs"] for e in streamed] == [e["top_logprobs"] for e in content]
+
 
 # ----------------------------------------------------------------------------- disconnects, 429, metrics
 
