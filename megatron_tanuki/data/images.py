@@ -18,6 +18,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 MIN_SIDE = 14
+MAX_PIXELS = 40_000_000   # a small file may declare a huge canvas (a server decodes client images)
 MEAN = STD = 0.5
 
 
@@ -30,7 +31,12 @@ def load_image(source, sample: str) -> Image.Image:
     where = source if isinstance(source, str) else "<bytes>"
     try:
         img = Image.open(io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source)
+        if img.size[0] * img.size[1] > MAX_PIXELS:  # checked from the header, before any decoding
+            raise ImageError(f"{sample}: image {where} is {img.size[0]}x{img.size[1]} px, more than "
+                             f"{MAX_PIXELS // 1_000_000} megapixels")
         img.load()  # decode now: truncated files fail here, not later inside a batch
+    except ImageError:
+        raise
     except FileNotFoundError:
         raise ImageError(f"{sample}: image file not found: {where}") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:

@@ -97,12 +97,18 @@ class _ControllerTokenizer:
         self.eod = tok.eos_id
         self.bos = tok.bos_id
         self.vocab_size = tok.vocab_size
+        self._anchor = tok.encode("a")[-1]
 
     def tokenize(self, text):
         return self._tok.encode(text)
 
     def detokenize(self, ids, **_):
-        return self._tok.decode([int(i) for i in ids if 0 <= int(i) < IMAGE_MARK])
+        ids = [int(i) for i in ids if 0 <= int(i) < IMAGE_MARK]
+        if len(ids) == 1:  # one token (megatron-core's top-n log-prob keys): as it reads after other
+            # text, so SentencePiece's word-start space stays ("▁the" -> " the", not "the" like "the")
+            anchor = self._tok.decode([self._anchor])
+            return self._tok.decode([self._anchor, ids[0]])[len(anchor):]
+        return self._tok.decode(ids)
 
     def offsets(self, ids, text):  # pragma: no cover - megatron's segments option, unused
         return list(range(len(ids)))
@@ -395,6 +401,10 @@ class Engine:
         InferenceMode.set_active()
         result = self.engine.step_modern()
         self.steps += 1
+        # megatron-core consumes a stop request whether or not it could act on it (a request in its
+        # chunked prefill is forced active again): a cancelled request stays asked until it finishes
+        cancelled = [rid for rid, live in self._live.items() if live.get("cancelled")]
+        self.engine.stop_word_finished_request_ids.update(cancelled)
         if self.tracing:
             ids = [int(i) for i in result.get("active_request_ids", [])]
             ids += [r.request_id for r in result["finished_request_records"]]
@@ -568,5 +578,9 @@ def _check_sampling(sampling: "SamplingOptions") -> None:
         raise RequestError(f"temperature {sampling.temperature}: must be >= 0 (0 = greedy)")
     if sampling.top_k < 0:
         raise RequestError(f"top_k {sampling.top_k}: must be >= 0 (0 = off)")
+    if sampling.top_k > 2 ** 31 - 1 or sampling.top_logprobs > 2 ** 31 - 1:  # megatron-core keeps them as int32
+        raise RequestError("top_k and top_logprobs must be below 2^31")
+    if any(len(s) > 1024 for s in sampling.stop):
+        raise RequestError("a stop string longer than 1024 characters")
     if isinstance(sampling.stop, str):
         raise RequestError(f"stop {sampling.stop!r}: must be a list of strings, not one string")

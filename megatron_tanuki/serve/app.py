@@ -384,6 +384,8 @@ class _Server:
             raise ApiError(400, f"{where}: image_url must be a data: URL (base64); local files need the server "
                            "started with --allow-local-images DIR", param=where)
         path = url[len("file://"):] if url.startswith("file://") else url
+        if "\0" in path:
+            raise ApiError(400, f"{where}: a file path with a NUL character", param=where)
         real = os.path.realpath(os.path.join(self.image_root, path))
         if os.path.commonpath([real, self.image_root]) != self.image_root:
             raise ApiError(400, f"{where}: {url} is outside the folder allowed by --allow-local-images", param=where)

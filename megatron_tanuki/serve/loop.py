@@ -247,21 +247,38 @@ class EngineLoop:
             logprobs = top = None
             sampling = stream.job.sampling
             if (sampling.logprobs or sampling.top_logprobs) and rid in self.engine.engine.requests:
-                req = self.engine.engine.get_request(rid)  # (since an eviction only: then None, sent at the end)
-                logprobs = list(req.generated_log_probs or [])
-                logprobs = logprobs if len(logprobs) >= len(tokens) else None
-                if sampling.top_logprobs:
-                    top = list(req.generated_top_n_logprobs or [])
-                    top = top if len(top) >= len(tokens) else None
+                # every part of the request's record: after an eviction the live request holds only
+                # what came since
+                parts = self.engine.engine.requests[rid].record.requests
+                logprobs = [x for r in parts for x in (r.generated_log_probs or [])]
+                top = [x for r in parts for x in (r.generated_top_n_logprobs or [])] if sampling.top_logprobs else None
+                if len(logprobs) < len(tokens) or (top is not None and len(top) < len(tokens)):
+                    continue  # not there yet: these tokens go out with the next delta
             event = stream.delta(self.tok, tokens, logprobs, top)
             if event is not None:
                 self._emit(handle, event)
 
-    def serve_forever(self) -> None:
-        """Until an exit command: collect (leader), share, apply, step, publish."""
+    def serve_forever(self, alive=None) -> None:
+        """Until an exit command: collect (leader), share, apply, step, publish. ``alive`` (leader):
+        a callable that turns False when the HTTP side died -- the loop then shuts down instead of
+        holding the ranks forever. An exception on the leader answers every open job first."""
+        try:
+            self._serve(alive)
+        except BaseException:
+            if self.leader:
+                for handle, job in list(self._jobs.items()):
+                    if job is not None:
+                        self._emit(handle, Event("error", error="internal server error: the engine loop failed"))
+                self._refuse_unsent()
+            raise
+
+    def _serve(self, alive) -> None:
         exit_at = None
         while True:
-            cmd = self._share(self._collect() if self.leader else None)
+            mine = self._collect() if self.leader else None
+            if mine is not None and alive is not None and mine["exit"] is None and not alive():
+                mine["exit"] = 0.0
+            cmd = self._share(mine)
             self._apply(cmd)
             if cmd["exit"] is not None and exit_at is None:
                 exit_at = time.monotonic() + float(cmd["exit"])

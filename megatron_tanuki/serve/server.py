@@ -35,9 +35,14 @@ def check_options(opts: ServeOptions) -> ServeOptions:
     if not is_loopback(opts.host) and not opts.api_key and not opts.insecure_no_api_key:
         raise ValueError(f"--host {opts.host} is reachable from other machines: give --api-key (or TANUKI_API_KEY), "
                          "or --insecure-no-api-key to serve without one")
-    for name in ("max_concurrency", "port"):
-        if getattr(opts, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} {getattr(opts, name)}: must be positive")
+    for name in ("max_concurrency", "port", "max_prompt_tokens", "max_tokens_limit", "max_seq_len", "max_body_bytes"):
+        value = getattr(opts, name)
+        if value is not None and value < 1:
+            raise ValueError(f"--{name.replace('_', '-')} {value}: must be positive")
+    if opts.port > 65535:
+        raise ValueError(f"--port {opts.port}: must be at most 65535")
+    if opts.shutdown_grace_s < 0:
+        raise ValueError(f"--shutdown-grace {opts.shutdown_grace_s}: must be >= 0")
     if opts.allow_local_images is not None and not os.path.isdir(opts.allow_local_images):
         raise ValueError(f"--allow-local-images {opts.allow_local_images}: not a folder")
     if opts.chat is not None:
@@ -94,9 +99,14 @@ def serve_rank(opts: ServeOptions) -> dict:
 
     name = opts.served_model_name or os.path.basename(os.path.normpath(opts.ckpt))
     opts = dataclasses.replace(opts, max_seq_len=context, served_model_name=name)
-    app = create_app(loop, tok, cfg, opts)
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5))
-    sock = _bind(opts.host, opts.port)
+    try:
+        app = create_app(loop, tok, cfg, opts)
+        server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5))
+        sock = _bind(opts.host, opts.port)
+    except BaseException:  # the other ranks already wait in the loop: release them, then fail
+        loop.shutdown(0)
+        loop.serve_forever()
+        raise
     http = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="tanuki-http", daemon=True)
 
     def stop(signum, _frame):
@@ -121,7 +131,7 @@ def serve_rank(opts: ServeOptions) -> dict:
     host = f"[{opts.host}]" if ":" in opts.host else opts.host
     print(f"[tanuki] serve: http://{host}:{opts.port}/v1 ready (model {name!r}, "
           f"{'API key required' if opts.api_key else 'no API key'})", flush=True)
-    loop.serve_forever()
+    loop.serve_forever(alive=http.is_alive)
     server.should_exit = True
     http.join(timeout=10)
     sock.close()
@@ -134,7 +144,11 @@ def run(opts: ServeOptions) -> list:
 
     opts = check_options(opts)
     if "RANK" in os.environ or ("SLURM_PROCID" in os.environ and "SLURM_STEP_ID" in os.environ):
-        return [serve_rank(opts)]
+        from megatron_tanuki.runtime.distributed import shutdown
+
+        result = serve_rank(opts)
+        shutdown()  # destroy the process groups before exit (NCCL teardown at exit can hang)
+        return [result]
     _bind(opts.host, opts.port).close()  # a busy port fails here, before the model loads
     nproc = opts.nproc or opts.tp * opts.pp * opts.ep
     if nproc == 1:

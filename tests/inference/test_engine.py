@@ -378,3 +378,45 @@ def test_scores_and_logprobs_equal_full_recompute(model):
     # the engine steps again after close() and a plain forward (step() re-enters inference mode)
     again = run(eng, [("lp", ps[1], SamplingOptions(max_tokens=3, temperature=0.8, logprobs=True))])["lp"]
     assert (again.tokens, again.logprobs) == (sampled.tokens, sampled.logprobs)
+
+
+def test_int32_overflowing_sampling_fields_are_request_errors(model):
+    """megatron-core keeps top_k / top-n as int32: a huge value must be refused at submit, not raise
+    inside a step (which would stop every rank)."""
+    from megatron_tanuki.inference.engine import RequestError, SamplingOptions
+
+    eng = engine(model)
+    with pytest.raises(RequestError, match=r"^top_k and top_logprobs must be below 2\^31$"):
+        eng.submit("k", prompts([5])[0], SamplingOptions(temperature=0.8, top_k=2 ** 31))
+    assert not eng.has_work()
+
+
+def test_cancel_during_chunked_prefill_takes_effect(model):
+    """A request whose long prompt is being prefilled in chunks is cancelled at once: megatron-core
+    drops the stop request while the chunk is in flight, so the engine asks again every step."""
+    from megatron_tanuki.inference.engine import SamplingOptions
+
+    eng = engine(model, max_tokens=64)  # 64 tokens per forward: a 300-token prompt takes 5 steps
+    rid = eng.submit("long", prompts([300])[0], SamplingOptions(max_tokens=100, temperature=0))
+    eng.step()
+    assert eng.engine.context.chunked_prefill_request_id == rid  # mid-prefill
+    assert eng.cancel(rid) is False
+    done = []
+    for _ in range(12):
+        done += eng.step()
+        if done:
+            break
+    assert [c.finish_reason for c in done] == ["cancelled"] and len(done[0].tokens) < 100
+    assert not eng.has_work() and eng.kv_usage() == 0.0
+
+
+def test_top_logprob_keys_keep_the_word_start_space(model):
+    """megatron-core keys top-n log-probs by detokenize([id]); ours reads a token as it does after other
+    text, so '▁the' and 'the' are different keys and the chosen token's text is among them."""
+    from megatron_tanuki.inference.engine import _ControllerTokenizer
+
+    chunks, tok, _ = model
+    c = _ControllerTokenizer(tok)
+    word = tok.encode("the cat")
+    assert [c.detokenize([i]) for i in word] == [" the", " cat"]
+    assert c.detokenize([tok.eos_id]) == ""

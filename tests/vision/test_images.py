@@ -53,3 +53,20 @@ def test_garbage_bytes_and_missing_file(tmp_path):
 def test_one_pixel_image_is_refused():
     with pytest.raises(ImageError, match="s9: image <bytes> is 1x1 px, smaller than one 14-px patch"):
         load_image(_png(Image.new("RGB", (1, 1))), "s9")
+
+
+def test_a_huge_canvas_is_refused_from_its_header_before_decoding():
+    """A small PNG may declare a 13000 x 13000 canvas (0.5 GB decoded): refused by name, undecoded."""
+    import io
+
+    import pytest
+    from PIL import Image
+
+    from megatron_tanuki.data.images import ImageError, load_image
+
+    buf = io.BytesIO()
+    Image.new("1", (13000, 13000)).save(buf, format="PNG")
+    assert len(buf.getvalue()) < 100_000
+    with pytest.raises(ImageError) as e:
+        load_image(buf.getvalue(), "req 7")
+    assert str(e.value) == "req 7: image <bytes> is 13000x13000 px, more than 40 megapixels"
