@@ -97,15 +97,19 @@ class _ControllerTokenizer:
         self.eod = tok.eos_id
         self.bos = tok.bos_id
         self.vocab_size = tok.vocab_size
-        self._anchor = tok.encode("a")[-1]
+        try:
+            self._anchor = tok.encode("a")[-1]
+        except (TypeError, ValueError, IndexError):  # a token-id-only tokenizer (the benchmarks')
+            self._anchor = None
 
     def tokenize(self, text):
         return self._tok.encode(text)
 
     def detokenize(self, ids, **_):
         ids = [int(i) for i in ids if 0 <= int(i) < IMAGE_MARK]
-        if len(ids) == 1:  # one token (megatron-core's top-n log-prob keys): as it reads after other
-            # text, so SentencePiece's word-start space stays ("▁the" -> " the", not "the" like "the")
+        if len(ids) == 1 and self._anchor is not None:  # one token (megatron-core's top-n log-prob
+            # keys): as it reads after other text, so SentencePiece's word-start space stays
+            # ("▁the" -> " the", not "the" like "the")
             anchor = self._tok.decode([self._anchor])
             return self._tok.decode([self._anchor, ids[0]])[len(anchor):]
         return self._tok.decode(ids)
