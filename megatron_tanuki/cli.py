@@ -5,6 +5,7 @@
     tanuki demo [--workdir runs/demo] [--quick] [--llm]
     tanuki convert hf-to-mcore --hf DIR --out DIR [--vision SIGLIP_DIR] [--overwrite]
     tanuki convert mcore-to-hf --ckpt DIR --out DIR [--overwrite]
+    tanuki convert nemo-to-mcore --nemo DIR --out DIR [--dtype bf16|fp32|fp16] [--overwrite]
     tanuki convert verify --hf DIR --ckpt DIR [--tp N --pp N --ep N] [--dtype bf16] [--layers N]
                           [--memory-budget-gb GB] [--text T] [--image FILE] [--vision DIR] [--json]
     tanuki train CONFIG.yaml [key=value ...] [--nproc N] [--print-config]
@@ -102,10 +103,14 @@ def cmd_convert(args) -> int:
     t0 = time.perf_counter()
     if args.direction == "hf-to-mcore":
         stats = engine.hf_to_mcore(args.hf, args.out, overwrite=args.overwrite, vision_dir=args.vision)
+    elif args.direction == "nemo-to-mcore":
+        from megatron_tanuki.convert import nemo
+
+        stats = nemo.nemo_to_mcore(args.nemo, args.out, overwrite=args.overwrite, dtype=args.dtype)
     else:
         stats = engine.mcore_to_hf(args.ckpt, args.out, overwrite=args.overwrite)
     dt = time.perf_counter() - t0
-    print(f"tanuki convert {args.direction}: {stats.tensors} HF tensors, {stats.bytes / 1e9:.3f} GB "
+    print(f"tanuki convert {args.direction}: {stats.tensors} source tensors, {stats.bytes / 1e9:.3f} GB "
           f"in {dt:.1f} s ({stats.bytes / 1e9 / max(dt, 1e-9):.2f} GB/s) -> {args.out}")
     return 0
 
@@ -179,7 +184,11 @@ def build_parser() -> argparse.ArgumentParser:
     h2m.add_argument("--vision", default=None, help="LLaVA-JP: the SigLIP folder, if the tower is not inside --hf")
     m2h = csub.add_parser("mcore-to-hf", help="megatron-core torch_dist checkpoint -> HF folder")
     m2h.add_argument("--ckpt", required=True)
-    for sp in (h2m, m2h):
+    n2m = csub.add_parser("nemo-to-mcore", help="unpacked .nemo folder (Nemotron-4 release, zarr) -> torch_dist")
+    n2m.add_argument("--nemo", required=True, help="the folder with model_config.yaml and model_weights/")
+    n2m.add_argument("--dtype", choices=["bf16", "fp32", "fp16"], default=None,
+                     help="checkpoint dtype (default: the yaml's precision, bf16 for the release)")
+    for sp in (h2m, m2h, n2m):
         sp.add_argument("--out", required=True)
         sp.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
         sp.set_defaults(func=cmd_convert)

@@ -31,7 +31,6 @@ from megatron_tanuki.models import registry
 from megatron_tanuki.models.tanuki import hf_map
 from megatron_tanuki.models.tanuki.config import TanukiConfig
 from megatron_tanuki.models.tanuki.hf import AUTO_MAP, HF_DIR, REMOTE_CODE_FILES
-from megatron_tanuki.models.tanuki.hf_config import from_hf_config
 from megatron_tanuki.models.tanuki_vision.hf_config import siglip_to_hf
 from megatron_tanuki.models.tanuki_vision.model import TanukiVisionConfig
 
@@ -66,17 +65,17 @@ def _is_carried(cfg, name: str) -> bool:
     return registry.architecture_of(cfg).is_carried(name, cfg)
 
 
-def expected_hf_shapes(cfg, hf_vocab: int, mcore_shapes: dict) -> dict[str, tuple]:
+def expected_hf_shapes(cfg, hf_vocab: int, mcore_shapes: dict, rules=None) -> dict[str, tuple]:
     """HF tensor shapes implied by the config: the table's transforms run on meta tensors."""
     out = {}
-    for rule, shape in bound_rules(cfg, hf_vocab):
+    for rule, shape in (rules if rules is not None else bound_rules(cfg, hf_vocab)):
         meta = torch.empty(mcore_shapes[rule.mcore], device="meta")
         for name, t in zip(rule.hf, transforms.to_hf(rule.transform, meta, shape)):
             out[name] = tuple(t.shape)
     return out
 
 
-def _check_names(src, cfg, expected: dict) -> None:
+def _check_names(src, cfg, expected: dict, config_name: str = "config.json") -> None:
     names = set(src.names())
     ignored = [re.compile(p) for p in hf_map.IGNORED_HF]
     unexpected = sorted(n for n in names - set(expected)
@@ -87,7 +86,7 @@ def _check_names(src, cfg, expected: dict) -> None:
                  if (m := re.match(r"model\.layers\.\d+\.block_sparse_moe\.experts\.(\d+)\.", n))}
         if found and len(found) != llm.num_experts:
             raise CheckpointError(
-                f"{src.path}/config.json says num_local_experts={llm.num_experts}, but the weights hold "
+                f"{src.path}/{config_name} says num_local_experts={llm.num_experts}, but the weights hold "
                 f"{len(found)} experts (block_sparse_moe.experts.{min(found)}..{max(found)})")
     if unexpected:
         raise CheckpointError(
@@ -101,7 +100,7 @@ def _check_names(src, cfg, expected: dict) -> None:
         if src.shape(n) != shp:
             raise CheckpointError(
                 f"{src.path}/{src.shard_of[n]}: tensor {n} has shape {list(src.shape(n))}, "
-                f"config.json implies {list(shp)}")
+                f"{config_name} implies {list(shp)}")
 
 
 def hf_to_mcore(hf_dir: str, out: str, overwrite: bool = False, vision_dir: str | None = None) -> ConvertStats:
@@ -109,25 +108,34 @@ def hf_to_mcore(hf_dir: str, out: str, overwrite: bool = False, vision_dir: str 
     return source_to_mcore(src, out, overwrite, cfg)
 
 
-def source_to_mcore(src, out: str, overwrite: bool = False, cfg=None) -> ConvertStats:
-    """Any HF-like source (names/shape/dtype/nbytes/get/config/side_files/path) -> torch_dist."""
+def source_to_mcore(src, out: str, overwrite: bool = False, cfg=None, dtype: torch.dtype | None = None,
+                    rules=None, config_name: str = "config.json") -> ConvertStats:
+    """Any HF-like source (names/shape/dtype/nbytes/get/config/side_files/path) -> torch_dist.
+
+    ``rules``: (Rule, Shape) pairs naming the source's tensors (default: the architecture's HF table;
+    the NeMo reader passes its own). ``dtype``: the checkpoint's dtype, each tensor cast to it (default:
+    the one float dtype all source tensors share; a NeMo checkpoint stores fp32 norms beside bf16).
+    ``config_name``: the source file that defines the shapes, for error messages.
+    """
     if cfg is None:
-        cfg = from_hf_config(src.config, os.path.join(src.path, "config.json"))
+        cfg = registry.from_hf_config(src.config, os.path.join(src.path, "config.json"))
     hf_vocab = int(src.config["vocab_size"])
+    rules = list(rules if rules is not None else bound_rules(cfg, hf_vocab))
     carried = [n for n in src.names() if _is_carried(cfg, n)]
     dtypes = {src.dtype(n) for n in src.names() if n not in carried}
-    if len(dtypes) != 1 or next(iter(dtypes)) not in _DTYPE_NAMES:
-        raise CheckpointError(f"{src.path}: tensors must share one float dtype, found {sorted(map(str, dtypes))}")
-    dtype = dtypes.pop()
+    if dtype is None:
+        if len(dtypes) != 1 or next(iter(dtypes)) not in _DTYPE_NAMES:
+            raise CheckpointError(f"{src.path}: tensors must share one float dtype, found {sorted(map(str, dtypes))}")
+        dtype = dtypes.pop()
     _, _, mcore_shapes = mcore_io.model_layout(cfg, dtype)
-    _check_names(src, cfg, expected_hf_shapes(cfg, hf_vocab, mcore_shapes))
+    _check_names(src, cfg, expected_hf_shapes(cfg, hf_vocab, mcore_shapes, rules), config_name)
 
-    by_mcore = dict((r.mcore, (r, shape)) for r, shape in bound_rules(cfg, hf_vocab))
+    by_mcore = dict((r.mcore, (r, shape)) for r, shape in rules)
     stats = ConvertStats(0, 0)
 
     def fetch(name: str) -> torch.Tensor:
         rule, shape = by_mcore[name]
-        t = transforms.to_mcore(rule.transform, [src.get(n) for n in rule.hf], shape)
+        t = transforms.to_mcore(rule.transform, [src.get(n).to(dtype) for n in rule.hf], shape)
         stats.tensors += len(rule.hf)
         nbytes = sum(src.nbytes(n) for n in rule.hf)
         stats.bytes += nbytes
@@ -150,8 +158,9 @@ def source_to_mcore(src, out: str, overwrite: bool = False, cfg=None) -> Convert
         write_meta(tmp, cfg, dtype, hf_vocab, source=src.path)
         side = os.path.join(tmp, HF_SIDE_DIR)
         os.makedirs(side)
-        for f in src.side_files():
-            shutil.copy2(os.path.join(src.path, f), os.path.join(side, f))
+        for f in src.side_files():  # a name, or (name in the source, name to give it)
+            name, dest = f if isinstance(f, tuple) else (f, f)
+            shutil.copy2(os.path.join(src.path, name), os.path.join(side, dest))
         with open(os.path.join(side, "config.json"), "w", encoding="utf-8") as f:
             json.dump(src.config, f, indent=2, ensure_ascii=False)
     return stats

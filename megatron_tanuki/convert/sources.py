@@ -1,6 +1,7 @@
 """What a conversion reads: an HF folder, and for Tanuki-vision possibly a separate SigLIP folder.
 
-``open_source`` reads config.json, decides the architecture (Tanuki LLM or LLaVA-JP Tanuki-vision)
+``open_source`` reads config.json, decides the architecture (a language model the registry knows by
+its model_type -- Tanuki, Nemotron-4 -- or LLaVA-JP Tanuki-vision)
 and returns the config together with one source object whose tensor names are the LLaVA-JP names
 whatever the folder layout, so the mapping tables see one naming.
 """
@@ -77,8 +78,9 @@ class WithVisionFolder:
 
 
 def open_source(hf_dir: str, vision_dir: str | None = None):
-    """(config, source): TanukiConfig or TanukiVisionConfig, and the tensors to convert."""
-    from megatron_tanuki.models.tanuki.hf_config import from_hf_config
+    """(config, source): the architecture's config (registry.from_hf_config, or Tanuki-vision for a
+    LLaVA-JP folder), and the tensors to convert."""
+    from megatron_tanuki.models.registry import from_hf_config
     from megatron_tanuki.models.tanuki_vision.hf_config import from_llava_jp_config, is_llava_jp
     from megatron_tanuki.models.tanuki_vision.hf_map import TOWER_PREFIX
 

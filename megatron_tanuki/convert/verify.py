@@ -191,16 +191,11 @@ def hf_reference_logits(hf_dir: str, ids: torch.Tensor, dtype: torch.dtype = tor
 
     from megatron_tanuki.convert.safetensors_io import HFCheckpoint
     from megatron_tanuki.models.tanuki import hf_map
-    from megatron_tanuki.models.tanuki.hf_config import from_hf_config
+    from megatron_tanuki.models import registry
 
     src = HFCheckpoint(hf_dir)
-    cfg = from_hf_config(src.config, os.path.join(src.path, "config.json"))
-    if cfg.is_moe:
-        from megatron_tanuki.models.tanuki.hf import load_remote_code_classes
-
-        _, model_cls = load_remote_code_classes()
-    else:
-        from transformers import LlamaForCausalLM as model_cls
+    cfg = registry.from_hf_config(src.config, os.path.join(src.path, "config.json"))
+    model_cls = registry.architecture_of(cfg).hf_model_class(cfg)
     extra = {"num_hidden_layers": layers} if layers else {}
     level = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # its load report lists every layer we left out on purpose

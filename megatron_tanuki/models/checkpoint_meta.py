@@ -1,7 +1,7 @@
 """``tanuki.json``: what a megatron checkpoint folder holds, written by conversion, training and the demo.
 
 A torch_dist checkpoint alone does not say which model it is. Every checkpoint folder we write
-carries this file: the architecture config (TanukiConfig or TanukiVisionConfig), the dtype of the
+carries this file: the architecture config (any registered one: Tanuki, Tanuki-vision, Nemotron-4), the dtype of the
 stored weights, and the HF vocabulary size -- the row count of the embedding in the HF folder the
 weights came from (65024 for Tanuki, the padded SentencePiece vocab), which is what ``mcore-to-hf``
 must write back, whatever the tokenizer's own size. It lives on the models floor because convert,
@@ -82,7 +82,9 @@ def read_meta(ckpt: str) -> CheckpointMeta:
         raise MetaError(f"{path}: dtype {meta['dtype']!r} is not one of {', '.join(DTYPES)}")
     model = meta["model"]
     try:
-        cfg = TanukiVisionConfig.from_dict(model) if model.get("kind") == "tanuki-vision" else TanukiConfig(**model)
+        from megatron_tanuki.models.registry import config_from_dict
+
+        cfg = config_from_dict(model)
     except (TypeError, KeyError) as e:
-        raise MetaError(f"{path}: field 'model' does not describe a Tanuki model ({e})") from None
+        raise MetaError(f"{path}: field 'model' does not describe a known model ({e})") from None
     return CheckpointMeta(cfg, DTYPES[meta["dtype"]], int(meta["hf_vocab_size"]))

@@ -19,7 +19,7 @@ def model_flops_per_step(cfg, layers: int, seq: int, batch: int) -> float:
     if cfg.is_moe:
         mlp = cfg.moe_topk * 3 * 2 * h * cfg.ffn_hidden_size + 2 * h * cfg.num_experts
     else:
-        mlp = 3 * 2 * h * cfg.ffn_hidden_size
+        mlp = (3 if cfg.activation == "swiglu" else 2) * 2 * h * cfg.ffn_hidden_size  # gated: 3 matrices
     return 3 * (proj + attn + mlp) * seq * batch * layers
 
 

@@ -13,6 +13,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from megatron_tanuki.models.nemotron4 import config as nemotron4_config
 from megatron_tanuki.models.tanuki import config as tanuki_config
 from megatron_tanuki.models.tanuki_vision import presets as vision_presets
 from megatron_tanuki.models.tanuki_vision.model import TanukiVisionConfig
@@ -32,6 +33,12 @@ class Architecture:
     flops_per_row: Callable[[Any, int, int], float]  # (cfg, seq, images) -> training FLOPs of one row
     modes: tuple[str, ...]  # training modes it supports (train.mode)
     set_mode: Callable[[list, str], None]  # which parts train in a mode (VLM stage 1: projector only)
+    hf_model_class: Callable[[Any], type] | None = None  # cfg -> the transformers class of its HF folder
+    kind: str | None = None  # the "kind" tag of its to_dict() in tanuki.json (None: untagged = Tanuki)
+    accepts_hf: Callable[[dict], bool] = lambda hf: False  # is this HF config.json ours to read?
+    from_hf: Callable[[dict, str], Any] | None = None  # (config.json, where) -> cfg
+    nemo_rules: Callable[[Any], Any] | None = None  # cfg -> NeMo zarr (Rule, Shape) pairs, streaming order
+    from_nemo: Callable[..., Any] | None = None  # (model_config.yaml, where, vocab_rows, reward_outputs) -> cfg
 
 
 def _tanuki_build(cfg, layout, opts=None, device=None):
@@ -58,6 +65,66 @@ def _vision_rules(cfg, hf_vocab: int):
     from megatron_tanuki.models.tanuki_vision import hf_map
 
     return hf_map.rules(cfg, hf_vocab)
+
+
+def _tanuki_from_hf(hf: dict, where: str):
+    from megatron_tanuki.models.tanuki.hf_config import from_hf_config
+
+    return from_hf_config(hf, where)
+
+
+def _nemotron_shape(cfg, hf_vocab: int):
+    from megatron_tanuki.models.shapes import Shape
+
+    return Shape(cfg.num_attention_heads, cfg.num_query_groups, cfg.head_dim, hf_vocab, cfg.vocab_size)
+
+
+def _nemotron_rules(cfg, hf_vocab: int):
+    from megatron_tanuki.models.nemotron4 import hf_map
+
+    shape = _nemotron_shape(cfg, hf_vocab)
+    return ((rule, shape) for rule in hf_map.hf_rules(cfg.num_layers, bool(cfg.reward_outputs)))
+
+
+def _nemotron_nemo_rules(cfg):
+    from megatron_tanuki.models.nemotron4 import hf_map
+
+    shape = _nemotron_shape(cfg, cfg.vocab_size)
+    return ((rule, shape) for rule in hf_map.nemo_rules(cfg.num_layers, bool(cfg.reward_outputs)))
+
+
+def _nemotron_hf_config(cfg, hf_vocab: int) -> dict:
+    from megatron_tanuki.models.nemotron4.hf_config import to_hf_config
+
+    return to_hf_config(cfg, hf_vocab)
+
+
+def _nemotron_from_hf(hf: dict, where: str):
+    from megatron_tanuki.models.nemotron4.hf_config import from_hf_config
+
+    return from_hf_config(hf, where)
+
+
+def _nemotron_from_nemo(y: dict, where: str, vocab_rows: int, reward_outputs: int = 0):
+    from megatron_tanuki.models.nemotron4.hf_config import from_nemo_config
+
+    return from_nemo_config(y, where, vocab_rows, reward_outputs)
+
+
+def _tanuki_hf_class(cfg) -> type:
+    if cfg.is_moe:
+        from megatron_tanuki.models.tanuki.hf import load_remote_code_classes
+
+        return load_remote_code_classes()[1]
+    from transformers import LlamaForCausalLM
+
+    return LlamaForCausalLM
+
+
+def _nemotron_hf_class(cfg) -> type:
+    from transformers import NemotronForCausalLM
+
+    return NemotronForCausalLM
 
 
 def _tanuki_hf_config(cfg, hf_vocab: int) -> dict:
@@ -93,14 +160,23 @@ TANUKI = Architecture(
     name="tanuki", config_type=tanuki_config.TanukiConfig, presets=tanuki_config.PRESETS,
     build=_tanuki_build, language_model=lambda cfg: cfg, with_language_model=lambda cfg, llm: llm,
     hf_rules=_tanuki_rules, hf_config_out=_tanuki_hf_config, is_carried=lambda name, cfg: False,
-    flops_per_row=_flops, modes=("pretrain", "sft"), set_mode=lambda chunks, mode: None)
+    flops_per_row=_flops, modes=("pretrain", "sft"), set_mode=lambda chunks, mode: None,
+    accepts_hf=lambda hf: hf.get("model_type") in ("llama", "tanuki"), from_hf=_tanuki_from_hf,
+    hf_model_class=_tanuki_hf_class)
 TANUKI_VISION = Architecture(
     name="tanuki-vision", config_type=TanukiVisionConfig, presets=vision_presets.PRESETS,
     build=_vision_build, language_model=lambda cfg: cfg.llm,
     with_language_model=lambda cfg, llm: cfg.replace(llm=llm),
     hf_rules=_vision_rules, hf_config_out=_vision_hf_config, is_carried=_vision_carried,
-    flops_per_row=_flops, modes=("vlm_stage1", "vlm_stage2"), set_mode=_vision_set_mode)
-ARCHITECTURES = (TANUKI, TANUKI_VISION)
+    flops_per_row=_flops, modes=("vlm_stage1", "vlm_stage2"), set_mode=_vision_set_mode, kind="tanuki-vision")
+NEMOTRON4 = Architecture(
+    name="nemotron4", config_type=nemotron4_config.Nemotron4Config, presets=nemotron4_config.PRESETS,
+    build=_tanuki_build, language_model=lambda cfg: cfg, with_language_model=lambda cfg, llm: llm,
+    hf_rules=_nemotron_rules, hf_config_out=_nemotron_hf_config, is_carried=lambda name, cfg: False,
+    flops_per_row=_flops, modes=("pretrain", "sft"), set_mode=lambda chunks, mode: None,
+    kind=nemotron4_config.KIND, accepts_hf=lambda hf: hf.get("model_type") == "nemotron",
+    from_hf=_nemotron_from_hf, hf_model_class=_nemotron_hf_class, nemo_rules=_nemotron_nemo_rules, from_nemo=_nemotron_from_nemo)
+ARCHITECTURES = (TANUKI, TANUKI_VISION, NEMOTRON4)
 
 PRESETS = {name: cfg for arch in ARCHITECTURES for name, cfg in arch.presets.items()}
 
@@ -111,6 +187,26 @@ def architecture_of(cfg) -> Architecture:
         if isinstance(cfg, arch.config_type):
             return arch
     raise TypeError(f"no architecture is registered for {type(cfg).__name__}")
+
+
+def config_from_dict(d: dict):
+    """A config from its ``to_dict()`` (tanuki.json's "model"): the record whose ``kind`` tags it."""
+    kind = d.get("kind")
+    for arch in ARCHITECTURES:
+        if arch.kind == kind:
+            return arch.config_type.from_dict(d) if kind else arch.config_type(**d)
+    raise KeyError(f"unknown model kind {kind!r}; known: {', '.join(a.kind for a in ARCHITECTURES if a.kind)}")
+
+
+def from_hf_config(hf: dict, where: str = "config.json"):
+    """The config of a language-model HF folder, read by the architecture that accepts its model_type."""
+    for arch in ARCHITECTURES:
+        if arch.from_hf is not None and arch.accepts_hf(hf):
+            return arch.from_hf(hf, where)
+    from megatron_tanuki.models.tanuki.hf_config import ConfigError
+
+    raise ConfigError(f"{where}: unknown model_type {hf.get('model_type')!r}; expected 'llama' (Tanuki-8B), "
+                      f"'tanuki' (Tanuki-8x8B) or 'nemotron' (Nemotron-4)")
 
 
 def language_model(cfg):
@@ -153,7 +249,7 @@ def model_info(name: str) -> dict:
     counts = count_parameters(chunks, cfg)
     info = {
         "preset": name,
-        "architecture": "moe" if cfg.is_moe else "dense",
+        "architecture": ("moe" if cfg.is_moe else "dense") + ("+reward" if cfg.reward_outputs else ""),
         "parameters": {"total": counts["total"], "active": counts["active"],
                        "experts": counts["experts"], "non_expert": counts["non_expert"]},
         "config": cfg.to_dict(),
@@ -180,9 +276,13 @@ def format_model_info(info: dict) -> str:
         f"{info['preset']} ({info['architecture']})",
         f"  layers {c['num_layers']}, hidden {c['hidden_size']}, heads {c['num_attention_heads']}"
         f" / KV {c['num_query_groups']}, FFN {c['ffn_hidden_size']}, vocab {c['vocab_size']},"
-        f" rope theta {c['rope_theta']:g}, max positions {c['max_position_embeddings']}",
+        f" rope theta {c['rope_theta']:g}" + (f" on {c['rotary_percent']:.0%} of head dims"
+                                              if c.get("rotary_percent", 1.0) != 1.0 else "")
+        + f", max positions {c['max_position_embeddings']}",
     ]
-    if c["num_experts"]:
+    if c.get("reward_outputs"):
+        lines.append(f"  reward head: {c['reward_outputs']} outputs at the last token")
+    if c.get("num_experts"):
         lines.append(f"  experts {c['num_experts']}, top-{c['moe_topk']}, standardized router,"
                      f" aux-loss coeff {c['moe_aux_loss_coeff']}")
     if "parts" in info:

@@ -3,8 +3,8 @@
 * TE importable and a GPU present: megatron-core's TE spec (fused norm+linear, TE attention,
   grouped-GEMM experts), which is also what FP8 needs.
 * Otherwise (CPU, or a GPU without TE): the local spec with three swaps -- SDPA as the core
-  attention (never the unfused DotProductAttention), our RMSNorm (sequence-parallel capable),
-  and, for MoE, the Tanuki router.
+  attention (never the unfused DotProductAttention), our norms (sequence-parallel capable: RMSNorm
+  for Tanuki, LayerNorm1p for Nemotron-4), and, for MoE, the Tanuki router.
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from megatron.core.models.gpt.gpt_layer_specs import (
 )
 from megatron.core.transformer.spec_utils import ModuleSpec
 
-from megatron_tanuki.models.common.norm import TanukiRMSNorm
+from megatron_tanuki.models.common.norm import LayerNorm1p, TanukiRMSNorm
 from megatron_tanuki.models.common.sdpa_attention import SDPAttention
 from megatron_tanuki.runtime import cpu
 
@@ -32,6 +32,10 @@ def te_available() -> bool:
     return cpu.gpu_present() and importlib.util.find_spec("transformer_engine") is not None
 
 
+# A config's ``normalization`` -> (megatron-core's name for the TE spec, our module for the local spec).
+NORMS = {"rmsnorm": ("RMSNorm", TanukiRMSNorm), "layernorm1p": ("LayerNorm", LayerNorm1p)}
+
+
 def _with_router(mlp_builder, router_cls):
     """Return the MoE builder (a functools.partial of MoELayer) with its router replaced."""
     subs = mlp_builder.keywords["submodules"]
@@ -40,8 +44,8 @@ def _with_router(mlp_builder, router_cls):
 
 
 def gpt_layer_spec(num_experts: int | None, router_cls=None, use_te: bool | None = None,
-                   te_attention: bool = True) -> ModuleSpec:
-    """The transformer layer spec for a Llama-style model, dense or MoE.
+                   te_attention: bool = True, norm: str = "rmsnorm") -> ModuleSpec:
+    """The transformer layer spec for a GPT-style model, dense or MoE (``norm``: a NORMS key).
 
     ``te_attention=False`` keeps TE's fused linear layers but runs our SDPA core attention: TE has
     no fp32 attention backend for packed (THD) sequences (its unfused backend refuses THD, flash
@@ -55,10 +59,11 @@ def gpt_layer_spec(num_experts: int | None, router_cls=None, use_te: bool | None
         if not te_attention:
             spec.submodules.self_attention.submodules.core_attention = SDPAttention
     else:
-        spec = get_gpt_layer_local_spec(num_experts=num_experts, normalization="RMSNorm")
+        mcore_name, norm_cls = NORMS[norm]
+        spec = get_gpt_layer_local_spec(num_experts=num_experts, normalization=mcore_name)
         subs = spec.submodules
-        subs.input_layernorm = TanukiRMSNorm
-        subs.pre_mlp_layernorm = TanukiRMSNorm
+        subs.input_layernorm = norm_cls
+        subs.pre_mlp_layernorm = norm_cls
         subs.self_attention.submodules.core_attention = SDPAttention
         if num_experts:
             # TE's MoE layer keeps a separate pre-MLP norm (checkpoint key pre_mlp_layernorm.*);
@@ -71,11 +76,11 @@ def gpt_layer_spec(num_experts: int | None, router_cls=None, use_te: bool | None
     return spec
 
 
-def final_norm(use_te: bool | None = None):
+def final_norm(use_te: bool | None = None, norm: str = "rmsnorm"):
     """The norm after the last layer. TransformerBlock would otherwise pick WrappedTorchNorm
     (no sequence parallel) on the local path."""
     if use_te if use_te is not None else te_available():
         from megatron.core.extensions.transformer_engine import TENorm
 
         return TENorm
-    return TanukiRMSNorm
+    return NORMS[norm][1]

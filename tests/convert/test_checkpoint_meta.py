@@ -46,5 +46,5 @@ def test_bad_files_name_the_file_and_field(tmp_path):
         cm.read_meta(_write(tmp_path, json.dumps({k: v for k, v in good.items() if k != "hf_vocab_size"})))
     with pytest.raises(cm.MetaError, match=rf"^{re.escape(path)}: dtype 'fp8' is not one of bf16, fp16, fp32$"):
         cm.read_meta(_write(tmp_path, json.dumps({**good, "dtype": "fp8"})))
-    with pytest.raises(cm.MetaError, match=rf"^{re.escape(path)}: field 'model' does not describe a Tanuki model"):
+    with pytest.raises(cm.MetaError, match=rf"^{re.escape(path)}: field 'model' does not describe a known model"):
         cm.read_meta(_write(tmp_path, json.dumps({**good, "model": {**good["model"], "layers": 3}})))

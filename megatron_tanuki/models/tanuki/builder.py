@@ -1,4 +1,8 @@
-"""Build Tanuki (dense or MoE) as megatron-core GPTModel chunks for the current parallel rank.
+"""Build Tanuki (dense or MoE) -- and any GPT-style config -- as megatron-core GPTModel chunks.
+
+The architecture-specific choices come from the config as data (``activation``, ``normalization``,
+``rotary_percent``, ``reward_outputs``; Nemotron-4's config carries other values), never from a
+test of its type, so Nemotron-4 builds here too.
 
 Pure model construction: process groups must already exist (runtime.distributed). Parallelism is
 read from megatron-core's parallel_state, the layout only sets the config flags that go with it.
@@ -10,6 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from megatron.core import parallel_state
+from megatron.core.activations import squared_relu
 from megatron.core.models.gpt.gpt_model import GPTModel
 from megatron.core.transformer.transformer_block import (
     TransformerBlockSubmodules,
@@ -24,6 +29,9 @@ from megatron_tanuki.runtime import cpu
 from megatron_tanuki.runtime.distributed import ParallelLayout
 
 FP8_FORMATS = ("e4m3", "hybrid")
+# A config's ``activation`` -> megatron-core MLP settings (squared ReLU: Nemotron-4's ungated MLP).
+ACTIVATIONS = {"swiglu": dict(gated_linear_unit=True, activation_func=F.silu),
+               "squared_relu": dict(gated_linear_unit=False, activation_func=squared_relu)}
 FP8_RECIPES = ("delayed", "tensorwise", "blockwise", "mxfp8")
 
 
@@ -87,9 +95,9 @@ def transformer_config(cfg: TanukiConfig, layout: ParallelLayout, opts: BuildOpt
         num_query_groups=cfg.num_query_groups,
         kv_channels=cfg.head_dim,
         ffn_hidden_size=cfg.ffn_hidden_size,
-        gated_linear_unit=True,
-        activation_func=F.silu,
-        normalization="RMSNorm",
+        **ACTIVATIONS[cfg.activation],
+        normalization=specs.NORMS[cfg.normalization][0],
+        layernorm_zero_centered_gamma=cfg.normalization == "layernorm1p",
         layernorm_epsilon=cfg.norm_eps,
         add_bias_linear=False,
         add_qkv_bias=False,
@@ -141,8 +149,9 @@ def build_model(cfg: TanukiConfig, layout: ParallelLayout, opts: BuildOptions | 
         tcfg.perform_initialization = False
         tcfg.use_cpu_initialization = True
     layer_spec = specs.gpt_layer_spec(cfg.num_experts, TanukiRouter if cfg.router_standardize else None,
-                                      use_te=use_te, te_attention=opts.dtype != "fp32")
-    final_norm = specs.final_norm(use_te)
+                                      use_te=use_te, te_attention=opts.dtype != "fp32", norm=cfg.normalization)
+    final_norm = specs.final_norm(use_te, cfg.normalization)
+    model_cls = RewardGPTModel if cfg.reward_outputs else GPTModel
 
     chunks = []
     for vp_stage in (range(layout.vpp) if layout.vpp else [None]):
@@ -150,7 +159,7 @@ def build_model(cfg: TanukiConfig, layout: ParallelLayout, opts: BuildOptions | 
             layer_specs=[layer_spec] * get_num_layers_to_build(tcfg, vp_stage=vp_stage),
             layer_norm=final_norm)
         with target_device(device):
-            model = GPTModel(
+            model = model_cls(
                 config=tcfg,
                 transformer_layer_spec=block,
                 vocab_size=cfg.vocab_size,
@@ -160,10 +169,40 @@ def build_model(cfg: TanukiConfig, layout: ParallelLayout, opts: BuildOptions | 
                 share_embeddings_and_output_weights=cfg.tie_embeddings,
                 position_embedding_type="rope",
                 rotary_base=cfg.rope_theta,
+                rotary_percent=cfg.rotary_percent,
                 vp_stage=vp_stage,
+                **({"reward_outputs": cfg.reward_outputs} if cfg.reward_outputs else {}),
             )
         chunks.append(place(model, device))
     return chunks
+
+
+class RewardGPTModel(GPTModel):
+    """A GPT trunk whose last stage ends in ``rm_head`` (NeMo-Aligner's reward model layout).
+
+    The head is a RowParallelLinear [outputs, hidden] with bias, as NeMo-Aligner's RewardModelHead, so its
+    checkpoint key and TP split (``rm_head.weight`` along hidden) match the released Nemotron-4-340B-Reward.
+    The forward returns the head's outputs for every token, [batch, seq, outputs], in place of logits,
+    so the same pipeline/TP forward that yields logits yields rewards; the scorer reads each sequence's
+    last token. ``output_layer`` stays (the released checkpoint holds it) but is not run.
+    """
+
+    def __init__(self, *args, reward_outputs: int, **kwargs):
+        super().__init__(*args, **kwargs)
+        if self.post_process:
+            from megatron.core.tensor_parallel.layers import RowParallelLinear
+
+            self.rm_head = RowParallelLinear(
+                self.config.hidden_size, reward_outputs, config=self.config, init_method=self.config.init_method,
+                bias=True, input_is_parallel=False, skip_bias_add=False)
+
+    def _postprocess(self, hidden_states, *args, **kwargs):
+        if not self.post_process:
+            return hidden_states
+        if self.config.sequence_parallel:
+            raise ValueError("the reward head does not run under sequence parallelism")
+        scores, _ = self.rm_head(hidden_states)
+        return scores.transpose(0, 1).contiguous()
 
 
 def target_device(device: str | torch.device | None = None) -> torch.device:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import ClassVar
 
 
 @dataclass(frozen=True)
@@ -29,6 +30,12 @@ class TanukiConfig:
     moe_aux_loss_coeff: float = 0.001
     # Tanuki's one difference from Mixtral: router logits standardized per token.
     router_standardize: bool = True
+
+    # What the generic GPT builder reads (Nemotron4Config has the same names, other values).
+    activation: ClassVar[str] = "swiglu"
+    normalization: ClassVar[str] = "rmsnorm"
+    rotary_percent: ClassVar[float] = 1.0
+    reward_outputs: ClassVar[int] = 0
 
     @property
     def is_moe(self) -> bool:
