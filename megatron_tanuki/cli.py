@@ -238,8 +238,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--top-k", type=int, default=0)
     g.add_argument("--seed", type=int, default=0, help="run seed; each request's seed = f(run seed, its id)")
-    g.add_argument("--chat", default=None, help="template: tanuki | llava-v1 | plain | none (raw text); "
-                   "default tanuki, llava-v1 for Tanuki-vision")
+    g.add_argument("--chat", default=None, help="template: tanuki | llava-v1 | nemotron4 | plain | none (raw text); "
+                   "default: the architecture's (tanuki, llava-v1 for Tanuki-vision, nemotron4)")
     g.add_argument("--stop", nargs="+", default=None, help="stop strings (cut exactly; not in the text)")
     g.add_argument("--logprobs", action="store_true", help="each generated token's log-probability")
     g.add_argument("--kv-memory-gb", type=float, default=None,
@@ -272,7 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--max-tokens-per-step", type=int, default=8192, help="tokens per forward (multiple of 64)")
     sv.add_argument("--allow-local-images", default=None, metavar="DIR",
                     help="image_url may be a file path inside DIR (default: data: URLs only)")
-    sv.add_argument("--chat", default=None, help="chat template (default tanuki; llava-v1 for Tanuki-vision)")
+    sv.add_argument("--chat", default=None, help="chat template (default: the architecture's -- tanuki, llava-v1 for Tanuki-vision, nemotron4)")
     sv.add_argument("--shutdown-grace", dest="shutdown_grace_s", type=float, default=30.0,
                     help="on SIGTERM, seconds to finish in-flight requests before cancelling them")
     sv.add_argument("--seed", type=int, default=0)

@@ -34,7 +34,7 @@ from megatron_tanuki.models.tanuki.hf import AUTO_MAP, HF_DIR, REMOTE_CODE_FILES
 from megatron_tanuki.models.tanuki_vision.hf_config import siglip_to_hf
 from megatron_tanuki.models.tanuki_vision.model import TanukiVisionConfig
 
-HF_SIDE_DIR = "hf"
+from megatron_tanuki.models.checkpoint_meta import HF_SIDE_DIR  # noqa: E402
 CARRIED_DIR = "carried"
 
 

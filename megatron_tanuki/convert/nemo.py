@@ -50,6 +50,7 @@ def _dtype(y: dict, where: str, override: str | None) -> torch.dtype:
 def nemo_to_mcore(nemo_dir: str, out: str, overwrite: bool = False, dtype: str | None = None) -> ConvertStats:
     """Convert; ``dtype`` (fp32 | bf16 | fp16) overrides the yaml's ``precision`` (bf16 for the release)."""
     src = NemoSource(nemo_dir)
+    src.check_chunks()
     where = os.path.join(src.path, CONFIG)
     names = set(src.names())
     reward = src.shape("rm_head.weight")[0] if "rm_head.weight" in names else 0

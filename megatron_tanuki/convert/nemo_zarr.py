@@ -79,6 +79,20 @@ class ZarrArray:
             out[tuple(dst)] = chunk[tuple(src)]
         return out[0] if index_of_axis0 is not None else out
 
+    def check_chunks(self) -> None:
+        """Every chunk file present with its full size (stat only): a corrupt checkpoint is named
+        before any output is written, not midway through a conversion."""
+        want = math.prod(self.chunks) * self.itemsize
+        for grid in itertools.product(*[range(math.ceil(s / c)) for s, c in zip(self.shape, self.chunks)]):
+            fname = self.sep.join(map(str, grid)) if grid else "0"
+            try:
+                size = os.stat(os.path.join(self.path, *fname.split("/"))).st_size
+            except FileNotFoundError:
+                raise CheckpointError(f"{os.path.dirname(self.path)}: tensor {self.key} chunk {fname} is missing") from None
+            if size != want:
+                raise CheckpointError(f"{os.path.dirname(self.path)}: tensor {self.key} chunk {fname} "
+                                      f"has {size} bytes, expected {want}")
+
     def _chunk(self, fname: str, want: int) -> torch.Tensor:
         where = os.path.join(self.path, *fname.split("/"))
         try:
@@ -166,6 +180,11 @@ class NemoCheckpoint:
 
     def names(self) -> list[str]:
         return list(self._arrays)
+
+    def check_chunks(self) -> None:
+        """All chunk files of all arrays present and full-size (see ZarrArray.check_chunks)."""
+        for arr in {id(a): a for a, _ in self._arrays.values()}.values():
+            arr.check_chunks()
 
     def shape(self, name: str) -> tuple[int, ...]:
         arr, layer = self._entry(name)

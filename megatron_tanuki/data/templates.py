@@ -8,6 +8,11 @@ Templates (``get(name)``; the inference engine uses the same names):
     "システム: {answer}</s>"; the first turn's ``<image>`` moves to its front ("<image>\\n...").
 ``plain`` (LLaVA-JP stage 1): ``<image>`` + caption + "\\n".
 ``none``: the turns' texts as they are (a base model's raw prompt).
+``nemotron4`` (Nemotron-4 Instruct, as NeMo writes it): "<extra_id_0>System\\n{system}\\n", then per
+    turn "<extra_id_1>User\\n{user}\\n<extra_id_1>Assistant\\n" and "{answer}\\n"; a leading system
+    message fills {system}, else it stays empty ("<extra_id_0>System\\n\\n<extra_id_1>User\\n...").
+    No ``<s>`` (NeMo sends Nemotron prompts with add_BOS off) and no ``</s>``: a generation ends at
+    the next turn's "<extra_id_1>", the first of the template's stop strings (``Template.stop``).
 
 Why one text: encoding segment by segment lets SentencePiece add its dummy prefix ``▁`` at every
 boundary ("### 応答:\\n東京" is ['\\n', '東京'] jointly, ['\\n', '▁東京'] piecewise), so training would
@@ -18,13 +23,20 @@ LLaVA-JP's tokenizer_image_token), and the loss mask comes from character offset
 - Trained characters: each answer with what closes it ("</s>", or plain's "\\n"); for llava-v1 also
   the space after "システム:". SentencePiece starts a word at its space, so the answer's first token
   is "▁赤" (space included); LLaVA-JP's ``instruction_len - 2`` trains that same token.
+- nemotron4 closes an answer with "\\n" *and* the next turn's "<extra_id_1>", both trained (after
+  the last answer too, where the training text ends with it): that marker is the model's end of
+  answer, so it must learn to write it (NeMo's chat SFT likewise leaves the next turn's start token
+  unmasked as the end-of-turn signal). The data puts each "<extra_id_1>" at the end of the segment
+  before it (system, user or answer): the text is NeMo's, and the marker after an answer is trained.
 - A token is trained iff its first character is (a token straddling the end of an answer would stay
-  trained; with these templates none does: "</s>" and "\\n" are single pieces, and every template's
-  prompt ends in "\\n" or before a space, where SentencePiece starts a new token anyway).
+  trained; with these templates none does: "</s>", "\\n" and "<extra_id_1>" are single pieces, and
+  every template's prompt ends in "\\n" or before a space, where SentencePiece starts a new token).
 - ``</s>`` is written in the text (LLaVA-JP's sep2, the Tanuki chat format's end of answer) and must
   encode to the end-of-sequence id: the shipped SentencePiece model holds it as a user-defined piece
   (id 2), a tokenizer.json as an added token; a tokenizer that splits it into pieces is refused by
   name. A literal "</s>" inside a message also becomes the eos id, as with the HF tokenizer.
+  Likewise nemotron4's closing "<extra_id_1>" must be one piece (data/tokenizer.py makes Nemotron's
+  control pieces textual); a tokenizer without it (the Tanuki one) is refused by name.
 
 ``prompt_ids`` renders a conversation up to where the next answer starts and tokenizes it the same
 way, so its ids are exactly the training ids before the answer's first trained token (for llava-v1
@@ -54,6 +66,9 @@ class Template:
     image_first: bool = False  # LLaVA-JP moves the first turn's <image> to its front
     system_turn: bool = False  # a leading ("system", text) turn replaces ``system``
     caption: bool = False  # plain: exactly one <image> turn (its text dropped) and one caption
+    system_format: str = "{}"  # wraps the system text ("{}" is it); then ``system_sep``
+    bos: bool = True  # the text starts with <s> (training and generation prompts alike)
+    stop: tuple[str, ...] = ()  # default stop strings of a generation with this template
 
 
 TANUKI = Template("tanuki", ALPACA_PREAMBLE, user="\n\n### 指示:\n{}\n\n### 応答:\n", answer="{}" + EOS_MARK,
@@ -62,7 +77,13 @@ V1 = Template("llava-v1", V1_SYSTEM, " ", user="ユーザー: {} ", head="シス
               image_first=True)
 PLAIN = Template("plain", answer="{}\n", caption=True)
 NONE = Template("none")
-TEMPLATES = {t.name: t for t in (TANUKI, V1, PLAIN, NONE)} | {"alpaca": TANUKI, "v1": V1}
+NEMOTRON_TURN = "<extra_id_1>"  # starts every turn after the system one; ends an answer
+NEMOTRON4 = Template("nemotron4", system_format="<extra_id_0>System\n{}\n" + NEMOTRON_TURN,
+                     user="User\n{}\n" + NEMOTRON_TURN, head="Assistant\n", answer="{}\n" + NEMOTRON_TURN,
+                     images=False, system_turn=True, bos=False,
+                     # "\n<extra_id_1>" first: an answer is cut before the newline that ends its turn
+                     stop=("\n" + NEMOTRON_TURN, NEMOTRON_TURN, "<|endoftext|>", "\x11"))
+TEMPLATES = {t.name: t for t in (TANUKI, V1, PLAIN, NONE, NEMOTRON4)} | {"alpaca": TANUKI, "v1": V1}
 
 
 class ConversationError(ValueError):
@@ -104,7 +125,7 @@ def render(template: Template, turns: list[tuple[str, str]], sample: str = "samp
         raise ConversationError(f"{sample}: a generation prompt must end with a user {unit}")
     if template.caption and (len(turns) != (1 if prompt else 2) or IMAGE_MARK not in turns[0][1]):
         raise ConversationError(f"{sample}: plain template needs one <image> turn and one caption")
-    segments = [(system + template.system_sep, False)]
+    segments = [(template.system_format.format(system) + template.system_sep, False)]
     for i, (role, text) in enumerate(turns):
         if role == "user":
             if template.caption:
@@ -152,17 +173,25 @@ def tokenize_with_image(tok, text: str, bos: bool) -> list[int]:
     return ids
 
 
-def _check_eos(tok, ids, spans, segments, sample: str) -> None:
-    """Every answer-closing "</s>" must be one token, the eos id (see the module docstring)."""
+def _check_close(tok, template: Template, ids, spans, segments, sample: str) -> None:
+    """Every answer-closing "</s>" must be one token, the eos id; an answer-closing stop string of the
+    template ("<extra_id_1>") must be one token (see the module docstring)."""
     token_at = {s[0]: (i, s[1]) for i, s in zip(ids, spans) if s is not None}
     pos = 0
     for seg, trained in segments:
         pos += len(seg)
-        if trained and seg.endswith(EOS_MARK):
+        if not trained:
+            continue
+        if seg.endswith(EOS_MARK):
             at = pos - len(EOS_MARK)
             if token_at.get(at) != (tok.eos_id, pos):
                 raise ValueError(f"{getattr(tok, 'model_file', tok)}: the text {EOS_MARK!r} that closes each answer "
                                  f"does not encode to the end-of-sequence id {tok.eos_id} ({sample})")
+            continue
+        mark = next((m for m in sorted(template.stop, key=len) if m and seg.endswith(m)), None)
+        if mark is not None and token_at.get(pos - len(mark), (None, None))[1] != pos:
+            raise ValueError(f"{getattr(tok, 'model_file', tok)}: the text {mark!r} that closes each answer of "
+                             f"the {template.name} template is not one token ({sample})")
 
 
 def tokenize(tok, template: Template, turns, sample: str = "sample", num_images: int | None = None,
@@ -182,22 +211,25 @@ def tokenize(tok, template: Template, turns, sample: str = "sample", num_images:
     segments = render(template, turns, sample, unit)
     text = "".join(seg for seg, _ in segments)
     trained = [t for seg, t in segments for _ in seg]
-    ids, spans = encode_text(tok, text, template.images)
-    _check_eos(tok, ids, spans, segments, sample)
+    ids, spans = encode_text(tok, text, template.images, bos=template.bos)
+    _check_close(tok, template, ids, spans, segments, sample)
     labels = [i if s is not None and i != IMAGE_TOKEN_ID and trained[min(s[0], len(text) - 1)] else IGNORE_INDEX
               for i, s in zip(ids, spans)]
     return ids, labels
 
 
 def prompt_ids(tok, template: str | Template, turns) -> list[int]:
-    """Ids that ask the model for the answer to the last user turn (with ``<s>``; images unexpanded).
+    """Ids that ask the model for the answer to the last user turn (with ``<s>`` where the template
+    has it; images unexpanded).
 
     Rendered and tokenized as in training, so these are exactly the training ids that come before
     the answer's first trained token. Expand images with ``expand_image_tokens``.
     """
     template = get(template) if isinstance(template, str) else template
     text = "".join(seg for seg, _ in render(template, turns, "prompt", prompt=True))
-    return tokenize_with_image(tok, text, bos=True) if template.images else tok.encode(text, bos=True)
+    if template.images:
+        return tokenize_with_image(tok, text, bos=template.bos)
+    return tok.encode(text, bos=template.bos)
 
 
 def expand_image_tokens(ids: list[int], labels: list[int] | None, num_image_tokens: int):

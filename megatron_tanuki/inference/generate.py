@@ -154,10 +154,11 @@ class _Requests:
 
     def __init__(self, job: GenerateJob, tok, cfg, engine: Engine, score_ids: list[int]):
         from megatron_tanuki.data import templates
+        from megatron_tanuki.models import registry
 
         self.job, self.tok, self.cfg, self.engine = job, tok, cfg, engine
         self.vision = hasattr(cfg, "vision")
-        self.template = templates.get(job.chat or ("llava-v1" if self.vision else "tanuki"))
+        self.template = templates.get(job.chat or registry.architecture_of(cfg).default_chat)
         self.folder = os.path.dirname(os.path.abspath(job.input))
         self.score_ids = score_ids
 
@@ -228,6 +229,7 @@ class _Requests:
             if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop):
                 raise RequestError(f"{where}: \"stop\" must be a string or a list of non-empty strings")
             opts.stop = tuple(stop)
+        opts.stop = tuple(dict.fromkeys(opts.stop + self.template.stop))  # the template's end-of-turn marks
         if opts.max_tokens < 1:
             raise RequestError(f"{where}: \"max_tokens\" must be at least 1")
         if opts.temperature < 0 or not (0 < opts.top_p <= 1) or opts.top_k < 0:
@@ -321,6 +323,16 @@ def _groups():
     return group, groups, writer
 
 
+def checkpoint_tokenizer(ckpt: str) -> str | None:
+    """The tokenizer converted with the checkpoint (Nemotron-4's), when the user gives none."""
+    from megatron_tanuki.models.checkpoint_meta import resolve, tokenizer_path
+
+    try:
+        return tokenizer_path(resolve(ckpt))
+    except FileNotFoundError:
+        return None
+
+
 def load_model(job):
     """(cfg, chunks, hf_vocab) on this rank: the checkpoint's architecture in the job's layout.
     ``job``: anything with ``ckpt``, ``tp``, ``pp``, ``ep``, ``dtype`` (GenerateJob, ServeOptions)."""
@@ -352,7 +364,7 @@ def generate_rank(job: GenerateJob) -> dict:
 
     t0 = time.perf_counter()
     cfg, chunks, hf_vocab = load_model(job)
-    tok = load_tokenizer(job.tokenizer)
+    tok = load_tokenizer(job.tokenizer or checkpoint_tokenizer(job.ckpt))
     rank0 = dist.get_rank() == 0
     llm = registry.language_model(cfg)
     score_ids = _score_ids(tok, job.score)
@@ -446,7 +458,7 @@ def check_job(job: GenerateJob) -> None:
     if job.prompt_logprobs and not job.score:
         raise ValueError("--prompt-logprobs works with --score (scoring runs only)")
     if job.score:
-        _score_ids(load_tokenizer(job.tokenizer), job.score)
+        _score_ids(load_tokenizer(job.tokenizer or checkpoint_tokenizer(job.ckpt)), job.score)
 
 
 def run(job: GenerateJob) -> list:

@@ -47,6 +47,17 @@ def write_meta(folder: str, cfg, dtype: torch.dtype, hf_vocab: int, source: str 
         f.write(meta_json(cfg, dtype, hf_vocab, source))
 
 
+HF_SIDE_DIR = "hf"  # a converted checkpoint's HF side files (config.json, tokenizer) -- convert/engine.py
+TOKENIZER_FILE = "tokenizer.model"
+
+
+def tokenizer_path(ckpt: str) -> str | None:
+    """The SentencePiece model kept beside a converted checkpoint (``hf/tokenizer.model``), else None:
+    `tanuki generate/serve` use it when no --tokenizer is given (a Nemotron-4 checkpoint brings its own)."""
+    path = os.path.join(ckpt, HF_SIDE_DIR, TOKENIZER_FILE)
+    return path if os.path.isfile(path) else None
+
+
 LATEST = "latest"   # a training run's root names its newest checkpoint folder in this file
 
 

@@ -34,6 +34,7 @@ class Architecture:
     modes: tuple[str, ...]  # training modes it supports (train.mode)
     set_mode: Callable[[list, str], None]  # which parts train in a mode (VLM stage 1: projector only)
     hf_model_class: Callable[[Any], type] | None = None  # cfg -> the transformers class of its HF folder
+    default_chat: str = "tanuki"  # conversation template of `tanuki generate/serve` when --chat is not given
     kind: str | None = None  # the "kind" tag of its to_dict() in tanuki.json (None: untagged = Tanuki)
     accepts_hf: Callable[[dict], bool] = lambda hf: False  # is this HF config.json ours to read?
     from_hf: Callable[[dict, str], Any] | None = None  # (config.json, where) -> cfg
@@ -168,13 +169,14 @@ TANUKI_VISION = Architecture(
     build=_vision_build, language_model=lambda cfg: cfg.llm,
     with_language_model=lambda cfg, llm: cfg.replace(llm=llm),
     hf_rules=_vision_rules, hf_config_out=_vision_hf_config, is_carried=_vision_carried,
-    flops_per_row=_flops, modes=("vlm_stage1", "vlm_stage2"), set_mode=_vision_set_mode, kind="tanuki-vision")
+    flops_per_row=_flops, modes=("vlm_stage1", "vlm_stage2"), set_mode=_vision_set_mode, kind="tanuki-vision",
+    default_chat="llava-v1")
 NEMOTRON4 = Architecture(
     name="nemotron4", config_type=nemotron4_config.Nemotron4Config, presets=nemotron4_config.PRESETS,
     build=_tanuki_build, language_model=lambda cfg: cfg, with_language_model=lambda cfg, llm: llm,
     hf_rules=_nemotron_rules, hf_config_out=_nemotron_hf_config, is_carried=lambda name, cfg: False,
     flops_per_row=_flops, modes=("pretrain", "sft"), set_mode=lambda chunks, mode: None,
-    kind=nemotron4_config.KIND, accepts_hf=lambda hf: hf.get("model_type") == "nemotron",
+    kind=nemotron4_config.KIND, default_chat="nemotron4", accepts_hf=lambda hf: hf.get("model_type") == "nemotron",
     from_hf=_nemotron_from_hf, hf_model_class=_nemotron_hf_class, nemo_rules=_nemotron_nemo_rules, from_nemo=_nemotron_from_nemo)
 ARCHITECTURES = (TANUKI, TANUKI_VISION, NEMOTRON4)
 

@@ -53,6 +53,7 @@ from starlette.requests import ClientDisconnect
 
 from megatron_tanuki.data import templates
 from megatron_tanuki.inference.engine import SamplingOptions
+from megatron_tanuki.models import registry
 from megatron_tanuki.serve import protocol as P
 from megatron_tanuki.serve.loop import Job
 from megatron_tanuki.serve.metrics import ServerMetrics
@@ -327,7 +328,7 @@ class _Server:
         self.loop, self.tok, self.cfg, self.opts = loop, tok, cfg, opts
         self.model = opts.served_model_name or getattr(cfg, "name", None) or "tanuki"
         self.vision = hasattr(cfg, "vision")
-        self.template = templates.get(opts.chat or ("llava-v1" if self.vision else "tanuki"))
+        self.template = templates.get(opts.chat or registry.architecture_of(cfg).default_chat)
         self.image_tokens = int(getattr(cfg, "num_image_tokens", 1)) if self.vision else 1
         self.context = int(opts.max_seq_len or loop.engine.options.max_sequence_length)
         self.max_prompt = min(opts.max_prompt_tokens or self.context - 1, self.context - 1)
@@ -536,6 +537,8 @@ class _Server:
             if e.param == "max_tokens" and field != "max_tokens":
                 e.message, e.param = field + e.message.removeprefix("max_tokens"), field
             raise
+        if kind == "chat":  # the template's end-of-turn marks (raw completions stop where the client says)
+            sampling.stop = tuple(dict.fromkeys(sampling.stop + self.template.stop))
         n = 1 if req.n is None else req.n
         if not 1 <= n <= MAX_N:
             raise ApiError(400, f"n: {n} must be in [1, {MAX_N}]", param="n")

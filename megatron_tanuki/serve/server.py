@@ -73,12 +73,12 @@ def serve_rank(opts: ServeOptions) -> dict:
 
     from megatron_tanuki.data.tokenizer import load_tokenizer
     from megatron_tanuki.inference.engine import Engine, EngineOptions
-    from megatron_tanuki.inference.generate import load_model
+    from megatron_tanuki.inference.generate import checkpoint_tokenizer, load_model
     from megatron_tanuki.models import registry
     from megatron_tanuki.serve.loop import EngineLoop
 
     cfg, chunks, hf_vocab = load_model(opts)
-    tok = load_tokenizer(opts.tokenizer)
+    tok = load_tokenizer(opts.tokenizer or checkpoint_tokenizer(opts.ckpt))
     leader = dist.get_rank() == 0
     llm = registry.language_model(cfg)
     context = opts.max_seq_len or llm.max_position_embeddings

@@ -155,7 +155,7 @@ def test_bad_lines_are_error_records_and_the_rest_completes(work):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--chat", "bogus"], "unknown conversation template 'bogus'; known: alpaca, llava-v1, none, plain, tanuki, v1"),
+    (["--chat", "bogus"], "unknown conversation template 'bogus'; known: alpaca, llava-v1, nemotron4, none, plain, tanuki, v1"),
     (["--score", "yes,maybe not"], "--score 'maybe not': encodes to 2 tokens [24423, 849]; each scored answer "
                                    "must be one token (try it with or without a leading space)"),
 ])

@@ -23,7 +23,7 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state
 
 from megatron_tanuki.models.tanuki.builder import BuildOptions, build_model
-from megatron_tanuki.models.tanuki.config import PRESETS
+from megatron_tanuki.models.registry import PRESETS  # any language-model preset (Tanuki, Nemotron-4)
 from megatron_tanuki.runtime.distributed import ParallelLayout, init_distributed, setup_model_parallel
 from megatron_tanuki.train.step import Batch, forward_backward, wrap_ddp
 

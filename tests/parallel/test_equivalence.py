@@ -20,7 +20,11 @@ MOE = {"dp2": {}, "ep2": dict(ep=2), "tp2_sp": dict(tp=2, sp=True), "pp2_vpp2": 
 DP2 = {"dp2", "ep2"}
 # tiny dense: embedding, output, final norm + 4 layers x (2 norms, qkv, proj, fc1, fc2) = 27
 # tiny MoE: 3 + 4 x (2 norms, qkv, proj, router, 8 experts x (fc1, fc2)) = 3 + 4 x 21 = 87
-PARAMS = {"tanuki-8b-tiny": 27, "tanuki-8x8b-tiny": 87}
+# tiny Nemotron-4: embedding, output, final norm weight + bias + 4 layers x (4 norm tensors, qkv, proj, fc1, fc2)
+PARAMS = {"tanuki-8b-tiny": 27, "tanuki-8x8b-tiny": 87, "nemotron4-tiny": 36}
+# Nemotron-4: LayerNorm1p with bias under sequence parallelism (norm weights and biases on sequence
+# shards, their gradients summed over TP), squared-ReLU MLP, RoPE on half the head dims
+NEMOTRON = {"tp2_sp": dict(tp=2, sp=True)}
 # loss-counted tokens of the two halves of the global batch (equivalence.REAL_TOKENS)
 HALVES = [17, 64]
 
@@ -33,6 +37,11 @@ def dense_results():
 @pytest.fixture(scope="module")
 def moe_results():
     return run_ranks(equivalence.run, 2, "tanuki-8x8b-tiny", MOE, aux_loss_coeff=0.01)[0]
+
+
+@pytest.fixture(scope="module")
+def nemotron_results():
+    return run_ranks(equivalence.run, 2, "nemotron4-tiny", NEMOTRON)[0]
 
 
 def _check(r, preset, layout):
@@ -56,3 +65,8 @@ def test_dense_layout_equals_single_rank(dense_results, layout):
 @pytest.mark.parametrize("layout", sorted(MOE))
 def test_moe_layout_equals_single_rank(moe_results, layout):
     _check(moe_results[layout], "tanuki-8x8b-tiny", layout)
+
+
+@pytest.mark.parametrize("layout", sorted(NEMOTRON))
+def test_nemotron4_layout_equals_single_rank(nemotron_results, layout):
+    _check(nemotron_results[layout], "nemotron4-tiny", layout)

@@ -45,12 +45,14 @@ def test_version():
 def test_model_info_list(capsys):
     assert cli.main(["model-info", "--list"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert len(lines) == 8
+    assert len(lines) == 13
     assert lines[1] == "tanuki-8x8b              moe            46,973,325,312 parameters"
     assert lines[7] == "tanuki-vision-8x8b-tiny  vision+moe          9,009,440 parameters"
     assert [ln.split()[0] for ln in lines] == [
         "tanuki-8b", "tanuki-8x8b", "tanuki-8b-tiny", "tanuki-8x8b-tiny",
-        "tanuki-vision-8b", "tanuki-vision-8x8b", "tanuki-vision-8b-tiny", "tanuki-vision-8x8b-tiny"]
+        "tanuki-vision-8b", "tanuki-vision-8x8b", "tanuki-vision-8b-tiny", "tanuki-vision-8x8b-tiny",
+        "nemotron4-340b", "nemotron4-340b-reward", "nemotron4-15b", "nemotron4-tiny", "nemotron4-tiny-reward"]
+    assert lines[8] == "nemotron4-340b           dense         341,029,195,776 parameters"
     assert cli.main(["model-info", "--list", "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)
     assert rows[1] == {"preset": "tanuki-8x8b", "architecture": "moe", "total": 46973325312}
@@ -89,7 +91,8 @@ def test_nproc_under_a_launcher_warns(tmp_path):
     assert r.returncode == 2, r.stderr
     assert r.stderr.splitlines() == [
         "tanuki train: warning: --nproc 2 ignored: this process is rank 0 of 1 started by torchrun",
-        "tanuki train: error: KeyError: unknown preset 'tanuki-70b'; known presets: tanuki-8b, tanuki-8b-tiny, "
+        "tanuki train: error: KeyError: unknown preset 'tanuki-70b'; known presets: nemotron4-15b, nemotron4-340b, "
+        "nemotron4-340b-reward, nemotron4-tiny, nemotron4-tiny-reward, tanuki-8b, tanuki-8b-tiny, "
         "tanuki-8x8b, tanuki-8x8b-tiny, tanuki-vision-8b, tanuki-vision-8b-tiny, tanuki-vision-8x8b, "
         "tanuki-vision-8x8b-tiny",
     ]

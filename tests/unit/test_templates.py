@@ -161,7 +161,7 @@ def test_a_prompt_must_end_with_a_user_turn():
 
 
 def test_unknown_template_is_named():
-    with pytest.raises(ValueError, match="unknown conversation template 'chatml'; known: alpaca, llava-v1, none, "
+    with pytest.raises(ValueError, match="unknown conversation template 'chatml'; known: alpaca, llava-v1, nemotron4, none, "
                                          "plain, tanuki, v1"):
         templates.get("chatml")
 
