@@ -2,6 +2,8 @@
 
     tanuki --version
     tanuki model-info PRESET [--json] | tanuki model-info --list [--json]
+    tanuki model-info PRESET --plan tp=N,pp=N [--kv-tokens N] [--gpu h100|h200 | --gpu-memory-gb G]
+                      [--dtype bf16|fp8] [--reserve-gb R] [--json]
     tanuki demo [--workdir runs/demo] [--quick] [--llm]
     tanuki convert hf-to-mcore --hf DIR --out DIR [--vision SIGLIP_DIR] [--overwrite]
     tanuki convert mcore-to-hf --ckpt DIR --out DIR [--overwrite]
@@ -14,6 +16,7 @@
                     [--stop STR ...] [--kv-memory-gb GB] [--score yes,no [--prompt-logprobs]] [--logprobs]
     tanuki serve --ckpt CKPT [--tp N --pp N --ep N | --nproc N] [--host 127.0.0.1 --port 8000] [--api-key KEY]
                  [--served-model-name NAME] [--max-concurrency N] [--max-prompt-tokens N] [--max-tokens-limit N]
+    tanuki score-reward --ckpt CKPT --input CONV.jsonl --output SCORED.jsonl [--tp N --pp N] [--batch-size N]
     tanuki upcycle --dense DIR --experts 8 --noise 0.001 --seed 0 --out DIR [--to hf|mcore]
 
 A user error is one line on stderr (exit 2); a crash also keeps its traceback in a
@@ -55,7 +58,10 @@ class _Version(argparse.Action):
 
 
 def cmd_model_info(args) -> int:
-    from megatron_tanuki.models import registry
+    from megatron_tanuki.models import plan, registry
+
+    if plan.wanted(args):
+        return plan.run_plan(args)
 
     if args.list:
         rows = [registry.model_info(name) for name in registry.PRESETS]
@@ -155,6 +161,18 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_score_reward(args) -> int:
+    from megatron_tanuki.inference.reward import RewardJob, run
+
+    job = RewardJob(ckpt=args.ckpt, input=args.input, output=args.output, tp=args.tp, pp=args.pp, nproc=args.nproc,
+                    batch_size=args.batch_size, tokenizer=args.tokenizer, dtype=args.dtype)
+    args.run_dir = os.path.dirname(os.path.abspath(args.output))
+    r = run(job)[0]
+    print(f"tanuki score-reward: {r['scored']} conversation(s) scored, {r['errors']} error record(s), "
+          f"{r['skipped']} already in {args.output}; {r['seconds']} s")
+    return 0
+
+
 def cmd_serve(args) -> int:
     from megatron_tanuki.serve.options import ServeOptions
     from megatron_tanuki.serve.server import run
@@ -175,6 +193,9 @@ def build_parser() -> argparse.ArgumentParser:
     mi.add_argument("preset", nargs="?")
     mi.add_argument("--list", action="store_true", help="every preset: architecture and total parameters")
     mi.add_argument("--json", action="store_true")
+    from megatron_tanuki.models.plan import add_plan_arguments
+
+    add_plan_arguments(mi)
     mi.set_defaults(func=cmd_model_info)
 
     conv = sub.add_parser("convert", help="weights HF <-> megatron-core (streaming, CPU)")
@@ -253,6 +274,18 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: the shipped Tanuki tokenizer)")
     g.add_argument("--dtype", choices=["fp32", "bf16"], default=None, help="default: the checkpoint's")
     g.set_defaults(func=cmd_generate)
+
+    rw = sub.add_parser("score-reward", help="score conversations with a reward model (Nemotron-4-340B-Reward)")
+    rw.add_argument("--ckpt", required=True)
+    rw.add_argument("--input", required=True, help='JSONL: {"id", "messages": [..., the assistant answer last]}')
+    rw.add_argument("--output", required=True, help="JSONL of scores (appended; ids already there are skipped)")
+    for name in ("tp", "pp"):
+        rw.add_argument(f"--{name}", type=int, default=1)
+    rw.add_argument("--nproc", type=int, default=None, help="ranks (default TP x PP)")
+    rw.add_argument("--batch-size", type=int, default=4, help="conversations per forward pass")
+    rw.add_argument("--tokenizer", default=None, help="SentencePiece .model (default: the checkpoint's hf/tokenizer.model)")
+    rw.add_argument("--dtype", choices=["fp32", "bf16"], default=None, help="default: the checkpoint's")
+    rw.set_defaults(func=cmd_score_reward)
 
     sv = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (chat/completions, streaming) on the engine")
     sv.add_argument("--ckpt", required=True, help="a megatron_tanuki checkpoint (or a training run's folder)")

@@ -21,14 +21,16 @@ def device() -> torch.device:
 
 
 def forward_logits(chunks, ids: torch.Tensor, position_ids: torch.Tensor | None = None,
-                   images: torch.Tensor | None = None, last_only: bool = False) -> torch.Tensor | None:
+                   images: torch.Tensor | None = None, last_only: bool = False,
+                   gather: bool = True) -> torch.Tensor | None:
     """Logits of ``ids`` [b, s] (one microbatch) as float32 on the CPU, on every rank of the last
     pipeline stage (all its TP ranks hold the same gathered tensor); None on the other stages.
 
     Shape [b, s, padded vocab], or [b, padded vocab] with ``last_only`` (the last position, sliced
     before the device-to-host copy). ``chunks``: the model's list of (virtual) pipeline chunks, in
     eval mode. ``images`` go to Tanuki-vision models only (the first stage consumes them). Every
-    rank of the model-parallel group must call this with the same shapes.
+    rank of the model-parallel group must call this with the same shapes. ``gather=False``: the
+    model's output is already whole on every TP rank (a reward head's all-reduced scores).
     """
     from megatron.core import parallel_state
     from megatron.core.pipeline_parallel import get_forward_backward_func
@@ -41,7 +43,7 @@ def forward_logits(chunks, ids: torch.Tensor, position_ids: torch.Tensor | None 
     imgs = images.to(dev) if images is not None else None
 
     def collect(output, non_loss_data=False):
-        full = gather_from_tensor_model_parallel_region(output)
+        full = gather_from_tensor_model_parallel_region(output) if gather else output
         return (full[:, -1] if last_only else full).float().cpu()
 
     def step(data_iterator, model):

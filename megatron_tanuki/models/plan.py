@@ -3,11 +3,12 @@
 The model is built once on the meta device at TP=1 (one process, no memory, as ``registry.model_info``);
 every parameter is then placed by rule rather than by building each rank:
 - its pipeline stage: the embedding on the first, the final norm, output layer and a reward head on the
-  last, decoder layer ``i`` on stage ``i // (layers / pp)``;
+  last (with tied embeddings and PP > 1, the last stage also keeps its own copy of the embedding, as
+  megatron-core allocates it), decoder layer ``i`` on stage ``i // (layers / pp)``;
 - its TP share: megatron-core tags the parameters it splits (``tensor_model_parallel``, ``partition_dim``);
   those hold ``1/tp`` per rank, the rest (norms, biases of row-parallel layers, the router) are whole.
 A stage's weight bytes are its parameters x bytes per parameter (bf16: 2; fp8: 1 for the decoder layers'
-linear weights, 2 for everything else). The KV cache is bf16: 2 (K, V) x the stage's layers x its share
+linear weights -- as stored FP8 parameters would be --, 2 for everything else). The KV cache is bf16: 2 (K, V) x the stage's layers x its share
 of the query groups x head dim x 2 bytes per token. What is left of a card after the weights and a fixed
 reserve (CUDA context, activations, workspace) is the KV cache; the stage with the least left decides.
 """
@@ -234,14 +235,15 @@ def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("layout plan (--plan)")
     g.add_argument("--plan", default=None, metavar="tp=N,pp=N",
                    help="per-GPU weights, KV bytes per token and concurrent 4096-token sequences for this layout")
-    g.add_argument("--kv-tokens", type=int, default=None, help="with --plan: do N tokens of KV cache fit?")
+    g.add_argument("--kv-tokens", type=int, default=None, metavar="N", help="with --plan: do N tokens of KV cache fit?")
     cards = g.add_mutually_exclusive_group()
     cards.add_argument("--gpu", choices=sorted(GPUS), default=None, help="with --plan: the card (default h100: "
                        "80 GB; h200: 141 GB)")
-    cards.add_argument("--gpu-memory-gb", type=float, default=None, help="with --plan: memory per GPU, decimal GB")
+    cards.add_argument("--gpu-memory-gb", type=float, default=None, metavar="G",
+                       help="with --plan: memory per GPU, decimal GB")
     g.add_argument("--dtype", choices=["bf16", "fp8"], default=None,
                    help="with --plan: weights in bf16 (default) or fp8 (decoder linear weights 1 byte)")
-    g.add_argument("--reserve-gb", type=float, default=None,
+    g.add_argument("--reserve-gb", type=float, default=None, metavar="R",
                    help="with --plan: GB per GPU kept for CUDA context, activations, workspace "
                         f"(default {DEFAULT_RESERVE_GB:g})")
 

@@ -42,7 +42,8 @@ def from_hf_config(hf: dict, where: str = "config.json") -> Nemotron4Config:
             rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))),
             rotary_percent=float(rope.get("partial_rotary_factor", hf.get("partial_rotary_factor", 0.5))),
             max_position_embeddings=int(hf.get("max_position_embeddings", 4096)),
-            tie_embeddings=bool(hf.get("tie_word_embeddings", False)))
+            tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            reward_outputs=int(hf.get("reward_outputs", 0)))
     except KeyError as e:
         raise ConfigError(f"{where}: missing field {e.args[0]!r}") from None
 
@@ -60,6 +61,8 @@ def to_hf_config(cfg: Nemotron4Config, hf_vocab: int | None = None) -> dict:
         "max_position_embeddings": cfg.max_position_embeddings, "tie_word_embeddings": cfg.tie_embeddings,
         "attention_bias": False, "mlp_bias": False, "bos_token_id": 2, "eos_token_id": 3,
         "torch_dtype": "bfloat16",
+        # a reward model: NemotronForCausalLM's tensors plus rm_head.{weight,bias} (ours; transformers ignores it)
+        **({"reward_outputs": cfg.reward_outputs} if cfg.reward_outputs else {}),
     }
 
 
