@@ -102,7 +102,13 @@ class ZarrArray:
                     raise CheckpointError(f"{os.path.dirname(self.path)}: tensor {self.key} chunk {fname} "
                                           f"has {size} bytes, expected {want}")
                 buf = bytearray(want)
-                f.readinto(buf)
+                view, got = memoryview(buf), 0
+                while got < want:  # one read() returns at most ~2 GiB on Linux; big chunks take several
+                    n = f.readinto(view[got:])
+                    if not n:
+                        raise CheckpointError(f"{os.path.dirname(self.path)}: tensor {self.key} chunk {fname} "
+                                              f"ended after {got} of {want} bytes")
+                    got += n
         except FileNotFoundError:
             raise CheckpointError(f"{os.path.dirname(self.path)}: tensor {self.key} chunk {fname} is missing") from None
         return torch.frombuffer(buf, dtype=self.dtype).reshape(self.chunks)
@@ -160,6 +166,9 @@ class NemoCheckpoint:
                     raise CheckpointError(f"{self.weights_dir}: tensor {key} stacks {arr.shape[0] if arr.shape else 0} "
                                           f"layers on axis 0 (shape {list(arr.shape)}), but {cfg_path} says "
                                           f"num_layers: {layers}")
+                if arr.chunks[0] != 1:  # one layer per chunk, or a layer read would load several
+                    raise CheckpointError(f"{self.weights_dir}: tensor {key} has chunks {list(arr.chunks)}; "
+                                          f"a stacked tensor must hold one layer per chunk (chunk size 1 on axis 0)")
                 stacked.append((key[len(STACKED):], arr))
             else:
                 name = key[len("model."):]

@@ -324,18 +324,24 @@ def _groups():
 
 
 def checkpoint_tokenizer(ckpt: str) -> str | None:
-    """The tokenizer converted with the checkpoint (Nemotron-4's), when the user gives none."""
-    from megatron_tanuki.models.checkpoint_meta import resolve, tokenizer_path
+    """The tokenizer converted with the checkpoint, when the user gives none -- for architectures that
+    bring their own (Nemotron-4); Tanuki checkpoints keep the shipped Tanuki tokenizer."""
+    from megatron_tanuki.models import registry
+    from megatron_tanuki.models.checkpoint_meta import MetaError, read_meta, resolve, tokenizer_path
 
     try:
-        return tokenizer_path(resolve(ckpt))
-    except FileNotFoundError:
+        folder = resolve(ckpt)
+        if not registry.architecture_of(read_meta(folder).config).own_tokenizer:
+            return None
+        return tokenizer_path(folder)
+    except (FileNotFoundError, MetaError):
         return None
 
 
-def load_model(job):
+def load_model(job, reward: bool = False):
     """(cfg, chunks, hf_vocab) on this rank: the checkpoint's architecture in the job's layout.
-    ``job``: anything with ``ckpt``, ``tp``, ``pp``, ``ep``, ``dtype`` (GenerateJob, ServeOptions)."""
+    ``job``: anything with ``ckpt``, ``tp``, ``pp``, ``ep``, ``dtype`` (GenerateJob, ServeOptions).
+    ``reward``: a reward model is wanted (score-reward); else one is refused (it outputs no logits)."""
     from megatron_tanuki.convert.verify import load_checkpoint
     from megatron_tanuki.models import registry
     from megatron_tanuki.models.checkpoint_meta import read_meta, resolve
@@ -344,6 +350,11 @@ def load_model(job):
 
     ckpt = resolve(job.ckpt)
     cfg, dtype, hf_vocab = read_meta(ckpt)
+    if bool(getattr(cfg, "reward_outputs", 0)) != reward:
+        raise ValueError(f"{job.ckpt}: {cfg.name} has no reward head (score-reward needs a reward model, e.g. "
+                         f"Nemotron-4-340B-Reward)" if reward else
+                         f"{job.ckpt}: {cfg.name} is a reward model (it scores, it does not generate): use "
+                         f"`tanuki score-reward`")
     llm = registry.language_model(cfg)
     layout = ParallelLayout(tp=job.tp, pp=job.pp, ep=job.ep, sp=llm.is_moe and job.tp > 1)
     init_distributed(layout, llm)

@@ -25,6 +25,10 @@ import torch
 from megatron_tanuki.inference.generate import Writer, is_done, parse_requests, read_done
 
 LABEL_PREFIX = "<extra_id_2>"
+# NeMo-Aligner's SteerLM default system prompt, which its reward annotation always sends (the model was
+# trained and served with it); a conversation's own leading system message replaces it.
+DEFAULT_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. "
+                  "The assistant gives helpful, detailed, and polite answers to the user's questions.")
 
 
 @dataclass
@@ -46,7 +50,8 @@ class ConversationError(ValueError):
 
 
 def reward_text(messages, where: str) -> str:
-    """The scored text of one conversation (NeMo-Aligner's format: chat turns, then ``<extra_id_2>``)."""
+    """The scored text of one conversation (NeMo-Aligner's format: its default system prompt unless the
+    conversation brings one, the chat turns, then ``<extra_id_2>``)."""
     from megatron_tanuki.data import templates
 
     if not isinstance(messages, list) or not messages:
@@ -60,6 +65,8 @@ def reward_text(messages, where: str) -> str:
         if m["role"] == "system" and i:
             raise ConversationError(f"{where}: messages[{i}]: a system message may only come first")
         turns.append((m["role"], m["content"]))
+    if turns[0][0] != "system":
+        turns.insert(0, ("system", DEFAULT_SYSTEM))
     if turns[-1][0] != "assistant":
         raise ConversationError(f"{where}: the last message must be the assistant answer to score")
     try:
@@ -103,10 +110,7 @@ def reward_rank(job: RewardJob) -> dict:
     from megatron_tanuki.inference.generate import checkpoint_tokenizer, load_model
 
     t0 = time.perf_counter()
-    cfg, chunks, _ = load_model(job)
-    if not getattr(cfg, "reward_outputs", 0):
-        raise ValueError(f"{job.ckpt}: {cfg.name} has no reward head (score-reward needs a reward model, e.g. "
-                         f"Nemotron-4-340B-Reward)")
+    cfg, chunks, _ = load_model(job, reward=True)
     for c in chunks:
         c.eval()
     tok = load_tokenizer(job.tokenizer or checkpoint_tokenizer(job.ckpt))

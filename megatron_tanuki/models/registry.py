@@ -34,6 +34,7 @@ class Architecture:
     modes: tuple[str, ...]  # training modes it supports (train.mode)
     set_mode: Callable[[list, str], None]  # which parts train in a mode (VLM stage 1: projector only)
     hf_model_class: Callable[[Any], type] | None = None  # cfg -> the transformers class of its HF folder
+    own_tokenizer: bool = False  # its converted checkpoints bring a tokenizer (hf/tokenizer.model) to use by default
     default_chat: str = "tanuki"  # conversation template of `tanuki generate/serve` when --chat is not given
     kind: str | None = None  # the "kind" tag of its to_dict() in tanuki.json (None: untagged = Tanuki)
     accepts_hf: Callable[[dict], bool] = lambda hf: False  # is this HF config.json ours to read?
@@ -176,7 +177,7 @@ NEMOTRON4 = Architecture(
     build=_tanuki_build, language_model=lambda cfg: cfg, with_language_model=lambda cfg, llm: llm,
     hf_rules=_nemotron_rules, hf_config_out=_nemotron_hf_config, is_carried=lambda name, cfg: False,
     flops_per_row=_flops, modes=("pretrain", "sft"), set_mode=lambda chunks, mode: None,
-    kind=nemotron4_config.KIND, default_chat="nemotron4", accepts_hf=lambda hf: hf.get("model_type") == "nemotron",
+    kind=nemotron4_config.KIND, default_chat="nemotron4", own_tokenizer=True, accepts_hf=lambda hf: hf.get("model_type") == "nemotron",
     from_hf=_nemotron_from_hf, hf_model_class=_nemotron_hf_class, nemo_rules=_nemotron_nemo_rules, from_nemo=_nemotron_from_nemo)
 ARCHITECTURES = (TANUKI, TANUKI_VISION, NEMOTRON4)
 

@@ -35,7 +35,7 @@ def reward_model(tmp_path_factory):
     base = tmp_path_factory.mktemp("reward")
     torch.manual_seed(0)
     cfg = NemotronConfig(vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                         num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=128)
+                         num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=512)
     model = NemotronForCausalLM(cfg).eval()
     head = torch.nn.Linear(64, 9)
     with torch.no_grad():
@@ -69,6 +69,22 @@ def test_reward_text_is_nemo_aligner_format():
     assert reward_text(CONVERSATIONS[1], "x") == (
         "<extra_id_0>System\nBe brief.\n<extra_id_1>User\n2+2?\n<extra_id_1>Assistant\n4\n<extra_id_1>User\n"
         "and 3+3?\n<extra_id_1>Assistant\nIt is six, of course, as anyone can check quickly.\n<extra_id_2>")
+
+
+def test_reward_text_brings_nemo_aligners_default_system_prompt():
+    assert reward_text(CONVERSATIONS[2], "x") == (
+        "<extra_id_0>System\nA chat between a curious user and an artificial intelligence assistant. The assistant "
+        "gives helpful, detailed, and polite answers to the user's questions.\n<extra_id_1>User\nhello\n"
+        "<extra_id_1>Assistant\nhi\n<extra_id_2>")
+
+
+def test_a_reward_model_does_not_generate(reward_model):
+    _, _, ck, tok_path, base = reward_model
+    (base / "q.jsonl").write_text('{"id": 1, "prompt": "a"}\n')
+    r = subprocess.run([TANUKI, "generate", "--ckpt", ck, "--input", str(base / "q.jsonl"), "--output",
+                        str(base / "a.jsonl"), "--tokenizer", tok_path], capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr.strip().endswith(
+        f"{ck}: nemotron is a reward model (it scores, it does not generate): use `tanuki score-reward`"), r.stderr
 
 
 def test_scores_equal_reference_and_resume(reward_model):

@@ -30,7 +30,7 @@ def from_hf_config(hf: dict, where: str = "config.json") -> Nemotron4Config:
         heads, hidden = int(hf["num_attention_heads"]), int(hf["hidden_size"])
         _head_dim(where, hidden, heads, hf.get("head_dim"))
         _require(where, "hidden_act", hf.get("hidden_act", "relu2"), ("relu2",))
-        for field in ("attention_bias", "mlp_bias"):
+        for field in ("attention_bias", "mlp_bias", "tie_word_embeddings"):
             _require(where, field, bool(hf.get(field, False)), (False,))
         rope = hf.get("rope_parameters") or {}
         return Nemotron4Config(
@@ -42,7 +42,6 @@ def from_hf_config(hf: dict, where: str = "config.json") -> Nemotron4Config:
             rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))),
             rotary_percent=float(rope.get("partial_rotary_factor", hf.get("partial_rotary_factor", 0.5))),
             max_position_embeddings=int(hf.get("max_position_embeddings", 4096)),
-            tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
             reward_outputs=int(hf.get("reward_outputs", 0)))
     except KeyError as e:
         raise ConfigError(f"{where}: missing field {e.args[0]!r}") from None
