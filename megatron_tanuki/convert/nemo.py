@@ -60,6 +60,7 @@ def nemo_to_mcore(nemo_dir: str, out: str, overwrite: bool = False, dtype: str |
     arch = _nemo_architecture()
     cfg = arch.from_nemo(src.yaml, where, vocab_rows, reward)
     cfg = cfg.replace(name=os.path.basename(src.path.rstrip("/")).lower() or cfg.name)
-    src.config = arch.hf_config_out(cfg, vocab_rows)
-    return source_to_mcore(src, out, overwrite, cfg, dtype=_dtype(src.yaml, where, dtype),
+    torch_dtype = _dtype(src.yaml, where, dtype)
+    src.config = {**arch.hf_config_out(cfg, vocab_rows), "torch_dtype": str(torch_dtype).removeprefix("torch.")}
+    return source_to_mcore(src, out, overwrite, cfg, dtype=torch_dtype,
                            rules=arch.nemo_rules(cfg), config_name=CONFIG)

@@ -348,6 +348,9 @@ def verify(hf_dir: str, ckpt: str, tp: int = 1, pp: int = 1, ep: int = 1, text: 
         raise VerifyError(f"verify --dtype {dtype!r}: one of {', '.join(_DTYPES)}")
     torch_dtype = _DTYPES[dtype]
     cfg, _, hf_vocab = read_meta(ckpt)
+    if getattr(cfg, "reward_outputs", 0):
+        raise VerifyError(f"{ckpt}: {cfg.name} is a reward model; verify compares language-model logits "
+                          f"(transformers has no Nemotron reward class)")
     vlm = registry.architecture_of(cfg) is registry.TANUKI_VISION
     llm = registry.language_model(cfg)
     layout = {"tp": tp, "pp": pp, "ep": ep, "sp": tp > 1 and cfg.is_moe}  # MoE with TP needs SP

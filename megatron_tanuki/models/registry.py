@@ -176,7 +176,8 @@ NEMOTRON4 = Architecture(
     name="nemotron4", config_type=nemotron4_config.Nemotron4Config, presets=nemotron4_config.PRESETS,
     build=_tanuki_build, language_model=lambda cfg: cfg, with_language_model=lambda cfg, llm: llm,
     hf_rules=_nemotron_rules, hf_config_out=_nemotron_hf_config, is_carried=lambda name, cfg: False,
-    flops_per_row=_flops, modes=("pretrain", "sft"), set_mode=lambda chunks, mode: None,
+    # a teacher here: training data, tokenizer and templates are Tanuki's, so `tanuki train` refuses it
+    flops_per_row=_flops, modes=(), set_mode=lambda chunks, mode: None,
     kind=nemotron4_config.KIND, default_chat="nemotron4", own_tokenizer=True, accepts_hf=lambda hf: hf.get("model_type") == "nemotron",
     from_hf=_nemotron_from_hf, hf_model_class=_nemotron_hf_class, nemo_rules=_nemotron_nemo_rules, from_nemo=_nemotron_from_nemo)
 ARCHITECTURES = (TANUKI, TANUKI_VISION, NEMOTRON4)

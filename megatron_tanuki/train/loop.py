@@ -41,8 +41,8 @@ def _model_config(cfg: RunConfig):
     preset = registry.get_preset(cfg.model.preset)
     arch = registry.architecture_of(preset)
     if cfg.train.mode not in arch.modes:
-        raise ConfigError(f"train.mode {cfg.train.mode} is not for {cfg.model.preset} ({arch.name} trains "
-                          f"{', '.join(arch.modes)})")
+        trains = f"trains {', '.join(arch.modes)}" if arch.modes else "is not trained by tanuki train"
+        raise ConfigError(f"train.mode {cfg.train.mode} is not for {cfg.model.preset} ({arch.name} {trains})")
     try:
         return registry.with_overrides(preset, cfg.model.overrides)
     except ValueError as e:

@@ -183,3 +183,12 @@ def test_a_rank_is_judged_where_its_traceback_lived(tmp_path, capsys, monkeypatc
     assert e.value.user_message == f"{p}: train.lr must be a number, got 'fast'"
     assert crash.report("tanuki train", e.value, str(tmp_path / "other")) == 2
     assert capsys.readouterr().err == f"tanuki train: error: {p}: train.lr must be a number, got 'fast'\n"
+
+
+def test_train_refuses_nemotron4(tmp_path):
+    """Nemotron-4 is a teacher here (generate / serve / score-reward); training it is refused by name."""
+    r = _tanuki("train", STAGE2, "model.preset=nemotron4-tiny", f"checkpoint.dir={tmp_path}")
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.strip().splitlines()[-1] == (
+        "tanuki train: error: ConfigError: train.mode vlm_stage2 is not for nemotron4-tiny (nemotron4 is not "
+        "trained by tanuki train)")
