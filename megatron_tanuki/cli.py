@@ -152,7 +152,7 @@ def cmd_generate(args) -> int:
         seed=args.seed, chat=args.chat, stop=tuple(args.stop or ()), logprobs=args.logprobs,
         kv_memory_gb=args.kv_memory_gb, max_seq_len=args.max_seq_len, max_tokens_per_step=args.max_tokens_per_step,
         score=tuple(w for w in (args.score or "").split(",") if w), prompt_logprobs=args.prompt_logprobs,
-        tokenizer=args.tokenizer, dtype=args.dtype)
+        tokenizer=args.tokenizer, dtype=args.dtype, fp8=args.fp8)
     args.run_dir = os.path.dirname(os.path.abspath(args.output))
     r = run(job)[0]
     print(f"tanuki generate: {r['requests']} request(s) ({r['errors']} error record(s)), "
@@ -273,6 +273,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--tokenizer", default=None, help="a .model file or a folder with tokenizer.json "
                    "(default: the shipped Tanuki tokenizer)")
     g.add_argument("--dtype", choices=["fp32", "bf16"], default=None, help="default: the checkpoint's")
+    g.add_argument("--fp8", choices=["e4m3", "hybrid"], default=None,
+                   help="FP8 weights and GEMMs through Transformer Engine (GPUs only; e.g. Nemotron-4-340B on 8 H100)")
     g.set_defaults(func=cmd_generate)
 
     rw = sub.add_parser("score-reward", help="score conversations with a reward model (Nemotron-4-340B-Reward)")
@@ -310,6 +312,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="on SIGTERM, seconds to finish in-flight requests before cancelling them")
     sv.add_argument("--seed", type=int, default=0)
     sv.add_argument("--dtype", choices=["fp32", "bf16"], default=None, help="default: the checkpoint's")
+    sv.add_argument("--fp8", choices=["e4m3", "hybrid"], default=None,
+                    help="FP8 weights and GEMMs through Transformer Engine (GPUs only; e.g. Nemotron-4-340B on 8 H100)")
     sv.add_argument("--tokenizer", default=None)
     sv.set_defaults(func=cmd_serve)
 

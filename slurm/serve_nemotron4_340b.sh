@@ -10,8 +10,9 @@
 #   h100x2 (default)  2 nodes x 8 H100, TP=8 PP=2, bf16: 42.6 GB of weights per GPU, ~33 GB left for the
 #                     KV cache (about 220 concurrent 4096-token sequences)
 #   h200              1 node x 8 H200, TP=8 PP=1, bf16: 85.3 GB of weights per GPU, ~52 GB of KV (about 171)
-#   h100-fp8          1 node x 8 H100, TP=8, FP8 weights (43.8 GB per GPU): not supported yet -- `tanuki serve`
-#                     has no FP8 option -- so this mode says so and exits 2
+#   h100-fp8          1 node x 8 H100, TP=8, Transformer Engine FP8 weights and GEMMs (--fp8 e4m3; 43.8 GB per
+#                     GPU, about 106 sequences); needs TE in the environment (pip install megatron_tanuki[te]);
+#                     not for LOCAL=1 (no FP8 on a CPU)
 # The numbers: `tanuki model-info nemotron4-340b --plan tp=8,pp=2` (--gpu h200, --dtype fp8).
 # The allocation must be the mode's (this header asks for h100x2's 2 nodes; give --nodes=1 to sbatch for
 # the one-node modes): a mismatch is refused before anything starts. The layout is the mode's: --tp/--pp/
@@ -43,12 +44,9 @@ usage() {
 
 MODE=${MODE:-h100x2}
 case $MODE in
-  h100x2) nodes=2 tp=8 pp=2 local_split=(--tp 1 --pp 2) ;;
-  h200) nodes=1 tp=8 pp=1 local_split=(--tp 2 --pp 1) ;;
-  h100-fp8)
-    say "MODE=h100-fp8 is not supported yet: \`tanuki serve\` has no FP8 option (TE FP8 weights on 8 H100)." \
-        "Use MODE=h100x2 (2 nodes x 8 H100, bf16) or MODE=h200 (1 node x 8 H200, bf16)"
-    exit 2 ;;
+  h100x2) nodes=2 tp=8 pp=2 local_split=(--tp 1 --pp 2) precision=(--dtype bf16) ;;
+  h200) nodes=1 tp=8 pp=1 local_split=(--tp 2 --pp 1) precision=(--dtype bf16) ;;
+  h100-fp8) nodes=1 tp=8 pp=1 local_split=() precision=(--fp8 e4m3) ;;
   *) say "MODE=$MODE: expected h100x2 (default), h200 or h100-fp8"; usage ;;
 esac
 if [[ $# -lt 1 || "$1" == -* ]]; then usage; fi
@@ -62,6 +60,10 @@ done
 CKPT=$1; shift
 
 if [[ "${LOCAL:-0}" == 1 ]]; then
+  if [[ ${#local_split[@]} -eq 0 ]]; then
+    say "MODE=$MODE needs Transformer Engine FP8 on GPUs: LOCAL=1 cannot run it (try MODE=h100x2 or h200)"
+    exit 2
+  fi
   say "MODE=$MODE on this machine: ${local_split[*]} (2 CPU ranks)"
   exec env LOCAL=1 bash "$SERVE" "$CKPT" "${local_split[@]}" --chat nemotron4 "$@"
 fi
@@ -81,4 +83,4 @@ elif [[ "$have" != "$nodes" || ( -n "$per_node" && "$per_node" != 8 ) ]]; then
       "submit it as MODE=$MODE sbatch --nodes=$nodes --gpus-per-node=8 slurm/serve_nemotron4_340b.sh CKPT"
   exit 2
 fi
-exec bash "$SERVE" "$CKPT" --tp "$tp" --pp "$pp" --chat nemotron4 --dtype bf16 "$@"
+exec bash "$SERVE" "$CKPT" --tp "$tp" --pp "$pp" --chat nemotron4 "${precision[@]}" "$@"

@@ -57,6 +57,7 @@ class GenerateJob:
     prompt_logprobs: bool = False        # with --score: each prompt token's log-likelihood
     tokenizer: str | None = None
     dtype: str | None = None             # None: the checkpoint's
+    fp8: str | None = None               # e4m3 | hybrid: TE FP8 compute and FP8 weights (GPU + TE only)
     progress: bool | None = None         # None: when stderr is a terminal (TANUKI_PROGRESS=1/0 forces)
 
 
@@ -361,7 +362,11 @@ def load_model(job, reward: bool = False):
     name = job.dtype or {torch.float32: "fp32", torch.bfloat16: "bf16"}.get(dtype, "bf16")
     if name == "fp32" and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    chunks = registry.build(cfg, layout, BuildOptions(dtype=name, perform_initialization=False))
+    fp8 = getattr(job, "fp8", None)
+    if fp8:
+        name = "bf16"  # FP8 weights and GEMMs; the rest (norms, embeddings, activations) in bf16
+    chunks = registry.build(cfg, layout, BuildOptions(dtype=name, fp8=fp8, fp8_param=bool(fp8),
+                                                      perform_initialization=False))
     load_checkpoint(chunks, ckpt)
     return cfg, chunks, hf_vocab
 
@@ -441,6 +446,20 @@ def _score_ids(tok, words) -> list[int]:
     return ids
 
 
+def check_fp8(fp8: str | None) -> None:
+    """--fp8 is refused up front where Transformer Engine cannot run it (no GPU, or TE not installed)."""
+    if fp8 is None:
+        return
+    from megatron_tanuki.models import specs
+    from megatron_tanuki.models.tanuki.builder import FP8_FORMATS
+
+    if fp8 not in FP8_FORMATS:
+        raise ValueError(f"--fp8 {fp8!r}: one of {', '.join(FP8_FORMATS)}")
+    if not specs.te_available():
+        raise ValueError(f"--fp8 {fp8}: FP8 needs Transformer Engine on a GPU (pip install megatron_tanuki[te]); "
+                         "this machine has " + ("no GPU" if not specs.cpu.gpu_present() else "no Transformer Engine"))
+
+
 def check_job(job: GenerateJob) -> None:
     """The options' mistakes, found before any rank starts or a model is loaded."""
     from megatron_tanuki.data import templates
@@ -466,6 +485,7 @@ def check_job(job: GenerateJob) -> None:
                          "(megatron-core pads prefill to 64 tokens)")
     if job.kv_memory_gb is not None and not job.kv_memory_gb > 0:
         raise ValueError(f"--kv-memory-gb {job.kv_memory_gb}: must be positive")
+    check_fp8(job.fp8)
     if job.prompt_logprobs and not job.score:
         raise ValueError("--prompt-logprobs works with --score (scoring runs only)")
     if job.score:

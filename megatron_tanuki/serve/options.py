@@ -29,4 +29,5 @@ class ServeOptions:
     ep: int = 1
     nproc: int | None = None
     dtype: str | None = None
+    fp8: str | None = None                # e4m3 | hybrid: FP8 weights and GEMMs (Transformer Engine on GPUs)
     tokenizer: str | None = None

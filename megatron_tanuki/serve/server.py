@@ -49,6 +49,9 @@ def check_options(opts: ServeOptions) -> ServeOptions:
         from megatron_tanuki.data import templates
 
         templates.get(opts.chat)
+    from megatron_tanuki.inference.generate import check_fp8
+
+    check_fp8(opts.fp8)
     if opts.max_tokens_per_step % 64 or opts.max_tokens_per_step < 64:
         raise ValueError(f"--max-tokens-per-step {opts.max_tokens_per_step}: must be a positive multiple of 64")
     return opts

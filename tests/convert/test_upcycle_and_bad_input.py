@@ -151,3 +151,61 @@ def test_bench_convert_runs_and_reports():
     for step in ("raw_read_write", "hf_to_mcore", "mcore_to_hf"):
         assert res[step]["seconds"] > 0 and res[step]["gb_per_s"] > 0 and res[step]["peak_rss_gb"] > 0
     assert res["hf_to_mcore"]["ratio_to_raw"] > 0
+
+
+def test_bench_convert_nemo_case_runs_reports_and_writes_the_fixture_format(tmp_path):
+    """`--source nemo` at the fixture's shape: the synthetic folder is the released format file for file
+    (same arrays, chunk files, .zarray bytes, metadata.json as tests/data/nemo-zarr-tiny), its
+    conversion loads as Nemotron-4 with the source's exact bits, and the report's numbers add up."""
+    from megatron_tanuki.convert import mcore_io
+    from megatron_tanuki.convert.nemo_zarr import NemoCheckpoint
+    from megatron_tanuki.models.checkpoint_meta import read_meta
+    from megatron_tanuki.models.nemotron4.hf_config import from_nemo_config
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    fixture = os.path.join(root, "tests", "data", "nemo-zarr-tiny")
+    r = subprocess.run([sys.executable, os.path.join(root, "tools", "bench_convert.py"), "--source", "nemo", "--preset",
+                        "nemotron4-tiny", "--keep", "--workdir", str(tmp_path), "--json"], capture_output=True,
+                       text=True, timeout=600, check=True)
+    res = json.loads(r.stdout)
+    # 4 layers x (qkv 128x64 + proj 64x64 + fc1 128x64 + fc2 64x128 in bf16 + 4 norms of 64 in fp32),
+    # embedding and output layer 256x64 bf16, final norm 2x64 fp32
+    assert (res["source"], res["preset"], res["layers"], res["tp"]) == ("nemo", "nemotron4-tiny", 4, 8)
+    assert (res["checkpoint_bytes"], res["largest_tensor_bytes"], res["largest_layer_slice_bytes"]) == (299520, 32768, 16384)
+    for step in ("raw_read_write", "nemo_to_mcore"):
+        s = res[step]
+        assert s["seconds"] > 0 and s["gb_per_s"] > 0 and s["call_peak_rss_bytes"] >= s["baseline_rss_bytes"] > 0
+        assert s["peak_rss_gb"] >= s["call_peak_rss_gb"] - 0.001
+    c = res["nemo_to_mcore"]
+    over = c["call_peak_rss_bytes"] - c["baseline_rss_bytes"]
+    assert c["rss_over_largest_tensor"] == round(over / 32768, 3)
+    assert c["rss_over_largest_layer_slice"] == round(over / 16384, 3)
+    assert c["rss_budget_gb"] == round((2 * 32768 + c["baseline_rss_bytes"]) / 1e9, 3) and c["ratio_to_raw"] > 0
+
+    src, out = res["nemo"], res["output"]
+    files = lambda top: sorted(os.path.relpath(os.path.join(d, f), top) for d, _, fs in os.walk(top) for f in fs)
+    mine, theirs = os.path.join(src, "model_weights"), os.path.join(fixture, "model_weights")
+    # 12 arrays (.zarray each), 8 + 8 vocabulary shards, 2 + 16 norm chunks, 4 x 4 x 8 matrix chunks, 16 _extra_state
+    assert files(mine) == files(theirs) and len(files(mine)) == 2 + 12 + 16 + 18 + 128 + 16
+    for rel in files(theirs):
+        if rel.endswith((".zarray", "metadata.json")):
+            with open(os.path.join(mine, rel), "rb") as a, open(os.path.join(theirs, rel), "rb") as b:
+                assert a.read() == b.read(), rel
+    ours, ref = NemoCheckpoint(src), NemoCheckpoint(fixture)
+    assert (from_nemo_config(ours.yaml, "mine", 256).replace(name="x")
+            == from_nemo_config(ref.yaml, "fixture", 256).replace(name="x"))
+
+    cfg, dtype, hf_vocab = read_meta(out)
+    assert cfg.to_dict()["kind"] == "nemotron4" and dtype == torch.bfloat16 and hf_vocab == 256
+    assert (cfg.num_layers, cfg.hidden_size, cfg.ffn_hidden_size, cfg.num_attention_heads, cfg.num_query_groups,
+            cfg.vocab_size) == (4, 64, 128, 16, 8, 256)
+    assert sorted(os.listdir(os.path.join(out, "hf"))) == ["config.json", "model_config.yaml"]
+    _, pieces, shapes = mcore_io.model_layout(cfg, dtype)
+    reader = mcore_io.CheckpointReader(out)
+    pairs = {"embedding.word_embeddings.weight": "embedding.word_embeddings.weight",
+             "decoder.layers.3.mlp.linear_fc1.weight": "decoder.layers.3.mlp.linear_fc1.weight",
+             "decoder.layers.1.self_attention.linear_proj.weight": "decoder.layers.1.self_attention.linear_proj.weight",
+             "decoder.layers.2.pre_mlp_layernorm.bias": "decoder.layers.2.mlp.linear_fc1.layer_norm_bias"}
+    for param, name in pairs.items():
+        got, want = reader.read_param(pieces[param], shapes[param]), ours.get(name).to(torch.bfloat16)
+        assert torch.equal(got.view(torch.int16), want.view(torch.int16)), param

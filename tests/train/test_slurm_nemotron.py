@@ -1,6 +1,6 @@
 """slurm/serve_nemotron4_340b.sh: slurm/serve.sh with Nemotron-4-340B's layout per MODE and its chat template.
 
-DRY_RUN=1 prints the launch for each MODE; a wrong allocation, a layout flag, an unknown MODE, the FP8 mode
+DRY_RUN=1 prints the launch for each MODE; a wrong allocation, a layout flag, an unknown MODE, FP8 under LOCAL=1
 and a missing checkpoint are refused (exit 2) before anything starts; SIGTERM still reaches the ranks
 through Slurm (stand-in srun/scancel, as in test_slurm.py); LOCAL=1 serves the tiny Nemotron-4 converted
 from the NeMo zarr fixture on 2 CPU ranks with the nemotron4 template.
@@ -21,10 +21,10 @@ def _env(tmp_path, **extra):
             "TANUKI_API_KEY": KEY, "DRY_RUN": "1", **extra}
 
 
-def _srun(tmp_path, nodes, ckpt, tp, pp, tail=""):
+def _srun(tmp_path, nodes, ckpt, tp, pp, tail="", precision="--dtype bf16"):
     return (f"srun --nodes={nodes} --ntasks-per-node=8 --gpus-per-node=8 --cpus-per-task=12 --kill-on-bad-exit=1 "
             f"--output={tmp_path}/logs/%x-%j-serve.out {PY} -m megatron_tanuki.cli serve --ckpt {ckpt} "
-            f"--tp {tp} --pp {pp} --host 0.0.0.0 --port 8000 --chat nemotron4 --dtype bf16{tail}")
+            f"--tp {tp} --pp {pp} --host 0.0.0.0 --port 8000 --chat nemotron4 {precision}{tail}")
 
 
 def test_dry_run_h100x2_is_two_nodes_tp8_pp2(tmp_path):
@@ -56,10 +56,11 @@ def test_dry_run_without_an_allocation_prints_the_modes_own(tmp_path):
     ckpt = tmp_path / "ckpt"
     ckpt.mkdir()
     env = {"LOG_DIR": str(tmp_path / "logs"), "TANUKI_API_KEY": KEY, "DRY_RUN": "1"}  # no SLURM_*
-    for mode, nodes, pp in (("h100x2", 2, 2), ("h200", 1, 1)):
+    for mode, nodes, pp, precision in (("h100x2", 2, 2, "--dtype bf16"), ("h200", 1, 1, "--dtype bf16"),
+                                       ("h100-fp8", 1, 1, "--fp8 e4m3")):
         r = sh(SCRIPT, str(ckpt), env={**env, "MODE": mode})
         assert r.returncode == 0, r.stderr
-        assert srun_lines(r.stdout)[0].rstrip() == _srun(tmp_path, nodes, ckpt, 8, pp)
+        assert srun_lines(r.stdout)[0].rstrip() == _srun(tmp_path, nodes, ckpt, 8, pp, precision=precision)
         assert f"[slurm] no Slurm allocation: printing the launch as `sbatch --nodes={nodes}` would run it" in r.stderr
     # not a dry run: nothing to launch on
     r = sh(SCRIPT, str(ckpt), env={**env, "DRY_RUN": "0"})
@@ -83,10 +84,11 @@ def test_refusals_before_anything_starts(tmp_path):
     assert r.returncode == 2 and not srun_lines(r.stdout)
     assert ("[slurm] MODE=h100x2 fixes the layout (TP=8 PP=2); --pp is not taken here: use slurm/serve.sh for "
             "another layout") in r.stderr
-    # FP8 on H100: `tanuki serve` has no FP8 option yet
-    r = sh(SCRIPT, str(ckpt), env=_env(tmp_path, MODE="h100-fp8", SLURM_JOB_NUM_NODES="1"))
+    # FP8 needs TE on GPUs: not on this CPU
+    r = sh(SCRIPT, str(ckpt), env={**_env(tmp_path, MODE="h100-fp8"), "LOCAL": "1"})
     assert r.returncode == 2 and not srun_lines(r.stdout)
-    assert "[slurm] MODE=h100-fp8 is not supported yet: `tanuki serve` has no FP8 option" in r.stderr
+    assert ("[slurm] MODE=h100-fp8 needs Transformer Engine FP8 on GPUs: LOCAL=1 cannot run it (try MODE=h100x2 "
+            "or h200)") in r.stderr
     r = sh(SCRIPT, str(ckpt), env=_env(tmp_path, MODE="h100x4"))
     assert r.returncode == 2 and "[slurm] MODE=h100x4: expected h100x2 (default), h200 or h100-fp8" in r.stderr
     # usage and a missing checkpoint

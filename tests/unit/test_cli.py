@@ -192,3 +192,23 @@ def test_train_refuses_nemotron4(tmp_path):
     assert r.stderr.strip().splitlines()[-1] == (
         "tanuki train: error: ConfigError: train.mode vlm_stage2 is not for nemotron4-tiny (nemotron4 is not "
         "trained by tanuki train)")
+
+
+def test_fp8_serving_is_refused_without_te_and_reaches_the_config(tmp_path):
+    """--fp8 (Nemotron-4-340B on one node of 8 H100) needs TE on GPUs: refused up front here. The GPU
+    branch's config is built on CPU: FP8 compute with FP8 weights (fp8_param) and bf16 elsewhere."""
+    from megatron_tanuki.models.registry import get_preset
+    from megatron_tanuki.models.tanuki.builder import BuildOptions, transformer_config
+    from megatron_tanuki.runtime.distributed import ParallelLayout
+
+    r = _tanuki("serve", "--ckpt", str(tmp_path), "--fp8", "e4m3")
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines()[-1] == (
+        "tanuki serve: error: --fp8 e4m3: FP8 needs Transformer Engine on a GPU (pip install "
+        "megatron_tanuki[te]); this machine has no GPU")
+    opts = BuildOptions(dtype="bf16", fp8="e4m3", fp8_param=True, perform_initialization=False)
+    tcfg = transformer_config(get_preset("nemotron4-tiny"), ParallelLayout(), opts, use_te=True)
+    assert (tcfg.fp8, tcfg.fp8_param, tcfg.params_dtype, tcfg.layernorm_zero_centered_gamma) == \
+        ("e4m3", True, __import__("torch").bfloat16, True)
+    with pytest.raises(ValueError, match=r"^FP8 needs Transformer Engine on a GPU"):
+        opts.validate(use_te=False)

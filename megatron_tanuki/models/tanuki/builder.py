@@ -44,6 +44,7 @@ class BuildOptions:
     fp8: str | None = None  # e4m3 | hybrid (needs Transformer Engine)
     fp8_recipe: str = "delayed"
     fp8_amax_history_len: int = 1024
+    fp8_param: bool = False  # keep the weights in FP8 (TE fp8_model_init): serving a model that fits only so
     recompute_granularity: str | None = None  # None | selective | full
     recompute_num_layers: int | None = None  # for full recompute
     init_method_std: float = 0.02
@@ -65,6 +66,8 @@ class BuildOptions:
                 raise ValueError(f"fp8_recipe must be one of {FP8_RECIPES}, got {self.fp8_recipe!r}")
             if not use_te:
                 raise ValueError("FP8 needs Transformer Engine on a GPU (pip install megatron_tanuki[te])")
+        if self.fp8_param and self.fp8 is None:
+            raise ValueError("fp8_param (FP8 weights) needs fp8 (e4m3 or hybrid)")
 
 
 def transformer_config(cfg: TanukiConfig, layout: ParallelLayout, opts: BuildOptions,
@@ -87,7 +90,8 @@ def transformer_config(cfg: TanukiConfig, layout: ParallelLayout, opts: BuildOpt
     fp8 = {}
     if opts.fp8:
         fp8 = dict(fp8=opts.fp8, fp8_recipe=opts.fp8_recipe,
-                   fp8_amax_history_len=opts.fp8_amax_history_len, fp8_amax_compute_algo="max")
+                   fp8_amax_history_len=opts.fp8_amax_history_len, fp8_amax_compute_algo="max",
+                   fp8_param=opts.fp8_param)
     return TransformerConfig(
         num_layers=cfg.num_layers,
         hidden_size=cfg.hidden_size,
