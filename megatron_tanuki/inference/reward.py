@@ -7,9 +7,10 @@ then user/assistant turns, ending with the assistant answer to score). Output li
 attributes. A bad line becomes ``{"id", "error", "line"}`` and the rest is scored; a rerun skips the
 ids already in the output (the same resume rules as `tanuki generate`).
 
-The text is NeMo-Aligner's SteerLM/regression reward-model format -- the Nemotron-4 chat turns, then the
-label prefix ``<extra_id_2>`` right after the last answer's newline -- and the score is the head's
-output at its last token. Conversations go through the model in batches of right-padded rows (causal
+The text and the output names come from the architecture's registry record (``reward_format``): for
+Nemotron-4 NeMo-Aligner's SteerLM/regression reward-model format -- its default system prompt unless the
+conversation brings one, the chat turns, then the label prefix ``<extra_id_2>`` right after the last
+answer's newline -- and the score is the head's output at its last token. Conversations go through the model in batches of right-padded rows (causal
 attention: padding after a row's end never reaches its last token), through the same forward-only
 pipeline schedule as ``convert verify`` under any TP x PP layout.
 """
@@ -23,13 +24,6 @@ from dataclasses import dataclass
 import torch
 
 from megatron_tanuki.inference.generate import Writer, is_done, parse_requests, read_done
-
-LABEL_PREFIX = "<extra_id_2>"
-# NeMo-Aligner's SteerLM default system prompt, which its reward annotation always sends (the model was
-# trained and served with it); a conversation's own leading system message replaces it.
-DEFAULT_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. "
-                  "The assistant gives helpful, detailed, and polite answers to the user's questions.")
-
 
 @dataclass
 class RewardJob:
@@ -49,9 +43,8 @@ class ConversationError(ValueError):
     pass
 
 
-def reward_text(messages, where: str) -> str:
-    """The scored text of one conversation (NeMo-Aligner's format: its default system prompt unless the
-    conversation brings one, the chat turns, then ``<extra_id_2>``)."""
+def reward_text(messages, where: str, fmt) -> str:
+    """The scored text of one conversation in ``fmt`` (a registry RewardFormat)."""
     from megatron_tanuki.data import templates
 
     if not isinstance(messages, list) or not messages:
@@ -66,21 +59,19 @@ def reward_text(messages, where: str) -> str:
             raise ConversationError(f"{where}: messages[{i}]: a system message may only come first")
         turns.append((m["role"], m["content"]))
     if turns[0][0] != "system":
-        turns.insert(0, ("system", DEFAULT_SYSTEM))
+        turns.insert(0, ("system", fmt.system))
     if turns[-1][0] != "assistant":
         raise ConversationError(f"{where}: the last message must be the assistant answer to score")
     try:
-        head = templates.render(templates.get("nemotron4"), turns[:-1], where, unit="message", prompt=True)
+        head = templates.render(templates.get(fmt.template), turns[:-1], where, unit="message", prompt=True)
     except templates.ConversationError as e:
         raise ConversationError(str(e)) from None
-    return "".join(t for t, _ in head) + turns[-1][1] + "\n" + LABEL_PREFIX
+    return "".join(t for t, _ in head) + turns[-1][1] + "\n" + fmt.label
 
 
-def scores_record(rid, raw: list[float], tokens: int) -> dict:
-    from megatron_tanuki.models.nemotron4.config import REWARD_ATTRIBUTES, REWARD_WEIGHTS
-
-    attrs = dict(zip(REWARD_ATTRIBUTES, raw[-len(REWARD_ATTRIBUTES):]))
-    reward = sum(w * attrs[a] for a, w in zip(REWARD_ATTRIBUTES, REWARD_WEIGHTS))
+def scores_record(rid, raw: list[float], tokens: int, fmt) -> dict:
+    attrs = dict(zip(fmt.attributes, raw[-len(fmt.attributes):]))
+    reward = sum(w * attrs[a] for a, w in zip(fmt.attributes, fmt.weights))
     return {"id": rid, "attributes": attrs, "reward": reward, "raw": raw, "tokens": tokens}
 
 
@@ -110,7 +101,10 @@ def reward_rank(job: RewardJob) -> dict:
     from megatron_tanuki.inference.generate import checkpoint_tokenizer, load_model
 
     t0 = time.perf_counter()
+    from megatron_tanuki.models import registry
+
     cfg, chunks, _ = load_model(job, reward=True)
+    fmt = registry.architecture_of(cfg).reward_format
     for c in chunks:
         c.eval()
     tok = load_tokenizer(job.tokenizer or checkpoint_tokenizer(job.ckpt))
@@ -129,7 +123,7 @@ def reward_rank(job: RewardJob) -> dict:
         raw = score_batch(chunks, [ids for _, ids in batch], tok.pad_id)
         for (rid, ids), values in zip(batch, raw):
             if writer:
-                writer.write(scores_record(rid, values, len(ids)))
+                writer.write(scores_record(rid, values, len(ids), fmt))
             counts["scored"] += 1
         batch.clear()
 
@@ -142,7 +136,7 @@ def reward_rank(job: RewardJob) -> dict:
         if error is None:
             where = f"{job.input}:{p.line}"
             try:
-                ids = encode_text(tok, reward_text(p.request.get("messages"), where), images=False, bos=False)[0]
+                ids = encode_text(tok, reward_text(p.request.get("messages"), where, fmt), images=False, bos=False)[0]
                 if len(ids) > limit:
                     raise ConversationError(f"{where}: {len(ids)} tokens; {cfg.name} takes at most {limit}")
             except (ConversationError, ValueError) as e:

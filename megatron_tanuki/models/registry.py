@@ -20,6 +20,17 @@ from megatron_tanuki.models.tanuki_vision.model import TanukiVisionConfig
 
 
 @dataclass(frozen=True)
+class RewardFormat:
+    """How a reward model of the architecture reads a conversation and names its outputs."""
+
+    template: str  # conversation template of the turns
+    system: str  # system prompt when the conversation brings none
+    label: str  # appended after the answer's closing newline; scored at its last token
+    attributes: tuple[str, ...]  # names of the last len(attributes) outputs
+    weights: tuple[float, ...]  # the reward: weighted sum of those attributes
+
+
+@dataclass(frozen=True)
 class Architecture:
     name: str
     config_type: type
@@ -34,6 +45,7 @@ class Architecture:
     modes: tuple[str, ...]  # training modes it supports (train.mode)
     set_mode: Callable[[list, str], None]  # which parts train in a mode (VLM stage 1: projector only)
     hf_model_class: Callable[[Any], type] | None = None  # cfg -> the transformers class of its HF folder
+    reward_format: RewardFormat | None = None  # its reward models' text and outputs (score-reward)
     own_tokenizer: bool = False  # its converted checkpoints bring a tokenizer (hf/tokenizer.model) to use by default
     default_chat: str = "tanuki"  # conversation template of `tanuki generate/serve` when --chat is not given
     kind: str | None = None  # the "kind" tag of its to_dict() in tanuki.json (None: untagged = Tanuki)
@@ -178,7 +190,10 @@ NEMOTRON4 = Architecture(
     hf_rules=_nemotron_rules, hf_config_out=_nemotron_hf_config, is_carried=lambda name, cfg: False,
     # a teacher here: training data, tokenizer and templates are Tanuki's, so `tanuki train` refuses it
     flops_per_row=_flops, modes=(), set_mode=lambda chunks, mode: None,
-    kind=nemotron4_config.KIND, default_chat="nemotron4", own_tokenizer=True, accepts_hf=lambda hf: hf.get("model_type") == "nemotron",
+    kind=nemotron4_config.KIND, default_chat="nemotron4", own_tokenizer=True,
+    reward_format=RewardFormat("nemotron4", nemotron4_config.REWARD_SYSTEM, nemotron4_config.REWARD_LABEL,
+                               nemotron4_config.REWARD_ATTRIBUTES, nemotron4_config.REWARD_WEIGHTS),
+    accepts_hf=lambda hf: hf.get("model_type") == "nemotron",
     from_hf=_nemotron_from_hf, hf_model_class=_nemotron_hf_class, nemo_rules=_nemotron_nemo_rules, from_nemo=_nemotron_from_nemo)
 ARCHITECTURES = (TANUKI, TANUKI_VISION, NEMOTRON4)
 

@@ -184,3 +184,22 @@ def test_model_info_counts():
     info = registry.model_info("nemotron4-15b")
     per_layer = 6144 * (6144 + 2 * 8 * 128) + 6144 * 6144 + 2 * 6144 * 24576 + 4 * 6144
     assert info["parameters"]["total"] == 32 * per_layer + 2 * 256000 * 6144 + 2 * 6144
+
+
+def test_tokenizer_named_by_the_yaml_is_copied_as_tokenizer_model(tmp_path):
+    """The release names its tokenizer in model_config.yaml (``nemo:<hash>_nemotron_2_256k.model``);
+    the checkpoint keeps it as hf/tokenizer.model, which generate / serve use by default."""
+    from tests.unit.tiny_spm import make_nemotron_spm
+
+    def edit(d):
+        (d / "tok").mkdir()
+        shutil.move(make_nemotron_spm(str(d / "tok")), d / "a1b2_nemotron_2_256k.model")
+        (d / "tok").rmdir()
+        y = (d / "model_config.yaml").read_text().replace("  model: null", "  model: nemo:a1b2_nemotron_2_256k.model")
+        (d / "model_config.yaml").write_text(y)
+    src, out = _broken(tmp_path, edit)
+    nemo.nemo_to_mcore(src, out)
+    assert sorted(os.listdir(os.path.join(out, "hf"))) == ["config.json", "model_config.yaml", "tokenizer.model"]
+    with open(os.path.join(out, "hf", "tokenizer.model"), "rb") as a, open(os.path.join(src, "a1b2_nemotron_2_256k.model"), "rb") as b:
+        assert a.read() == b.read()
+    assert json.load(open(os.path.join(out, "tanuki.json")))["dtype"] == "bf16"  # the yaml's precision

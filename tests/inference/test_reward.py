@@ -15,9 +15,12 @@ from safetensors.torch import save_file
 from megatron_tanuki.data.templates import encode_text
 from megatron_tanuki.data.tokenizer import load_tokenizer
 from megatron_tanuki.inference.reward import reward_text
-from megatron_tanuki.models.nemotron4.config import REWARD_ATTRIBUTES, REWARD_WEIGHTS
+from megatron_tanuki.models.registry import NEMOTRON4
 from tests.unit.tiny_spm import make_nemotron_spm
 
+FMT = NEMOTRON4.reward_format
+ATTRIBUTES = ("helpfulness", "correctness", "coherence", "complexity", "verbosity")  # HelpSteer2, the last five
+WEIGHTS = (0.3, 0.74, 0.46, 0.47, -0.33)  # the model card's
 TANUKI = os.path.join(os.path.dirname(sys.executable), "tanuki")
 CONVERSATIONS = [
     [{"role": "user", "content": "東京はどこ?"}, {"role": "assistant", "content": "日本の首都です。"}],
@@ -59,20 +62,20 @@ def reward_model(tmp_path_factory):
 
 
 def reference(model, head, tok, messages) -> list[float]:
-    ids = encode_text(tok, reward_text(messages, "ref"), images=False, bos=False)[0]
+    ids = encode_text(tok, reward_text(messages, "ref", FMT), images=False, bos=False)[0]
     with torch.no_grad():
         hidden = model.model(torch.tensor([ids])).last_hidden_state[0, -1]
         return head(hidden).tolist()
 
 
 def test_reward_text_is_nemo_aligner_format():
-    assert reward_text(CONVERSATIONS[1], "x") == (
+    assert reward_text(CONVERSATIONS[1], "x", FMT) == (
         "<extra_id_0>System\nBe brief.\n<extra_id_1>User\n2+2?\n<extra_id_1>Assistant\n4\n<extra_id_1>User\n"
         "and 3+3?\n<extra_id_1>Assistant\nIt is six, of course, as anyone can check quickly.\n<extra_id_2>")
 
 
 def test_reward_text_brings_nemo_aligners_default_system_prompt():
-    assert reward_text(CONVERSATIONS[2], "x") == (
+    assert reward_text(CONVERSATIONS[2], "x", FMT) == (
         "<extra_id_0>System\nA chat between a curious user and an artificial intelligence assistant. The assistant "
         "gives helpful, detailed, and polite answers to the user's questions.\n<extra_id_1>User\nhello\n"
         "<extra_id_1>Assistant\nhi\n<extra_id_2>")
@@ -109,9 +112,9 @@ def test_scores_equal_reference_and_resume(reward_model):
     for i, m in enumerate(CONVERSATIONS):
         rec, want = recs[f"c{i}"], reference(model, head, tok, m)
         assert len(rec["raw"]) == 9 and max(abs(a - b) for a, b in zip(rec["raw"], want)) <= 1e-4, (rec, want)
-        assert list(rec["attributes"]) == list(REWARD_ATTRIBUTES)
+        assert list(rec["attributes"]) == list(ATTRIBUTES)
         assert rec["attributes"]["verbosity"] == rec["raw"][8] and rec["attributes"]["helpfulness"] == rec["raw"][4]
-        assert rec["reward"] == pytest.approx(sum(w * v for w, v in zip(REWARD_WEIGHTS, rec["raw"][4:])), abs=1e-9)
+        assert rec["reward"] == pytest.approx(sum(w * v for w, v in zip(WEIGHTS, rec["raw"][4:])), abs=1e-9)
         assert max(abs(a - b) for a, b in zip(rec["raw"], results[2][f"c{i}"]["raw"])) <= 1e-4  # TP=2 = TP=1
     # a rerun skips what is there
     before = (base / "scored-tp1.jsonl").read_bytes()

@@ -183,8 +183,9 @@ def _rank_parameters(cfg, layout: dict):
             "parameters": sum(p.numel() for p in model.parameters())}
 
 
-# TP=2 splits the untied model's matrices; PP=2 with tied embeddings puts the embedding's copy on the last stage
-@pytest.mark.parametrize("layout, tied", [(dict(tp=2), False), (dict(pp=2), True)], ids=["tp2-untied", "pp2-tied"])
+# PP=2 with tied embeddings: stage placement and the embedding's copy on the last stage (the TP split of each
+# parameter is checked against hand-derived byte counts above)
+@pytest.mark.parametrize("layout, tied", [(dict(pp=2), True)], ids=["pp2-tied"])
 def test_stage_parameters_equal_megatron_cores_ranks(layout, tied):
     from megatron_tanuki.models import registry
 

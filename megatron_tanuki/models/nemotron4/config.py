@@ -20,6 +20,11 @@ from typing import ClassVar
 KIND = "nemotron4"
 REWARD_ATTRIBUTES = ("helpfulness", "correctness", "coherence", "complexity", "verbosity")
 REWARD_WEIGHTS = (0.3, 0.74, 0.46, 0.47, -0.33)  # the model card's weighted sum of the last five
+# NeMo-Aligner's reward text: the chat turns (template nemotron4) with its SteerLM default system prompt
+# unless the conversation brings one, then the label prefix after the answer's newline; read at its last token
+REWARD_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. "
+                 "The assistant gives helpful, detailed, and polite answers to the user's questions.")
+REWARD_LABEL = "<extra_id_2>"
 
 
 @dataclass(frozen=True)
