@@ -26,6 +26,7 @@ from megatron_tanuki.convert.atomic import atomic_output_dir
 from megatron_tanuki.convert.safetensors_io import CheckpointError, HFCheckpoint, ShardedWriter
 from megatron_tanuki.convert.sources import open_source
 from megatron_tanuki.models.checkpoint_meta import DTYPE_NAMES as _DTYPE_NAMES
+from megatron_tanuki.models.checkpoint_meta import HF_SIDE_DIR  # noqa: F401  (re-exported: engine.HF_SIDE_DIR)
 from megatron_tanuki.models.checkpoint_meta import META_FILE, meta_json, read_meta, write_meta  # noqa: F401
 from megatron_tanuki.models import registry
 from megatron_tanuki.models.tanuki import hf_map
@@ -34,7 +35,6 @@ from megatron_tanuki.models.tanuki.hf import AUTO_MAP, HF_DIR, REMOTE_CODE_FILES
 from megatron_tanuki.models.tanuki_vision.hf_config import siglip_to_hf
 from megatron_tanuki.models.tanuki_vision.model import TanukiVisionConfig
 
-from megatron_tanuki.models.checkpoint_meta import HF_SIDE_DIR  # noqa: E402
 CARRIED_DIR = "carried"
 
 
@@ -50,10 +50,10 @@ def byte_progress(total_bytes: int, desc: str):
     TANUKI_PROGRESS=1 forces it on (logs), 0 off."""
     from tqdm import tqdm
 
-    force = os.environ.get("TANUKI_PROGRESS", "")
-    disable = force == "0" if force in ("0", "1") else not sys.stderr.isatty()
+    from megatron_tanuki.runtime.progress import progress_disabled
+
     return tqdm(total=total_bytes, desc=desc, unit="B", unit_scale=True, unit_divisor=1000, file=sys.stderr,
-                disable=disable, mininterval=0.5, dynamic_ncols=True)
+                disable=progress_disabled(), mininterval=0.5, dynamic_ncols=True)
 
 
 def bound_rules(cfg, hf_vocab: int):

@@ -283,9 +283,9 @@ class Progress:
     def __init__(self, total: int, enabled: bool | None):
         from tqdm import tqdm
 
-        force = os.environ.get("TANUKI_PROGRESS", "")
-        disable = (force == "0") if force in ("0", "1") else (not sys.stderr.isatty() if enabled is None else not enabled)
-        self.bar = tqdm(total=total, desc="generate", unit="req", file=sys.stderr, disable=disable,
+        from megatron_tanuki.runtime.progress import progress_disabled
+
+        self.bar = tqdm(total=total, desc="generate", unit="req", file=sys.stderr, disable=progress_disabled(enabled),
                         mininterval=0.5, dynamic_ncols=True)
         self.t0, self.tokens = time.perf_counter(), 0
 
