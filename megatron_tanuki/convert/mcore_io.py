@@ -117,13 +117,18 @@ class _StreamingPlanner:
         self._release()  # what this fetch evicted from the cache
         shape, stride, offset = piece.view
         out = t.as_strided(shape, stride, offset).reshape(piece.sizes).contiguous()
+        if out.untyped_storage().nbytes() != out.nbytes:
+            out = out.clone()  # the writer would copy a part of a larger storage itself, out of our sight
         self._handed.append(out)
         return out
 
 
 def write_checkpoint(out_dir: str, cfg, dtype: torch.dtype, fetch: Callable[[str], torch.Tensor],
                      common: dict | None = None) -> None:
-    """Write a torch_dist checkpoint of ``cfg`` whose parameters come from ``fetch(param_name)``."""
+    """Write a torch_dist checkpoint of ``cfg`` whose parameters come from ``fetch(param_name)``.
+
+    ``fetch`` must return a tensor nobody else keeps (a fresh read or a computed one): the writer frees
+    its memory once its pieces are written (see _StreamingPlanner._release)."""
     from megatron.core.dist_checkpointing.core import CheckpointingConfig, save_config
     from megatron.core.dist_checkpointing.mapping import ShardedObject
     from megatron.core.dist_checkpointing.strategies.torch import (

@@ -135,15 +135,19 @@ class HFCheckpoint:
         shard = self.shard_of[name]
         info = self.headers[shard][name]
         nbytes = info["data_offsets"][1] - info["data_offsets"][0]
-        buf = bytearray(nbytes)
+        dtype = _DTYPES[info["dtype"]]
+        # torch-owned memory (the conversion writer frees it once written); filled by a read loop, since one
+        # read() returns at most ~2 GiB on Linux (Nemotron-4-340B's embedding is 9.4 GB)
+        buf = torch.empty(nbytes, dtype=torch.uint8)
+        view, got = memoryview(buf.numpy()), 0
         with open(os.path.join(self.path, shard), "rb", buffering=0) as f:
             f.seek(info["start"])
-            if f.readinto(buf) != nbytes:
-                raise CheckpointError(f"truncated safetensors file: {self.path}/{shard} while reading {name}")
-        dtype = _DTYPES[info["dtype"]]
-        if nbytes == 0:
-            return torch.empty(info["shape"], dtype=dtype)
-        return torch.frombuffer(buf, dtype=dtype).reshape(info["shape"])
+            while got < nbytes:
+                n = f.readinto(view[got:])
+                if not n:
+                    raise CheckpointError(f"truncated safetensors file: {self.path}/{shard} while reading {name}")
+                got += n
+        return buf.view(dtype).reshape(info["shape"])
 
     def side_files(self) -> list[str]:
         """Files that are not weights (tokenizer, generation config, ...), passed through."""

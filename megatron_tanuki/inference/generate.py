@@ -365,8 +365,13 @@ def load_model(job, reward: bool = False):
     fp8 = getattr(job, "fp8", None)
     if fp8:
         name = "bf16"  # FP8 weights and GEMMs; the rest (norms, embeddings, activations) in bf16
-    chunks = registry.build(cfg, layout, BuildOptions(dtype=name, fp8=fp8, fp8_param=bool(fp8),
-                                                      perform_initialization=False))
+    # FP8 weights: the tensorwise recipe quantizes each weight from its own amax when the checkpoint is
+    # copied in (delayed scaling would keep the initial scale of 1: nothing re-quantizes in inference).
+    # no_grad: TE would otherwise keep a host copy of every FP8 weight's initial value.
+    opts = BuildOptions(dtype=name, fp8=fp8, fp8_recipe="tensorwise" if fp8 else "delayed", fp8_param=bool(fp8),
+                        perform_initialization=False)
+    with torch.no_grad():
+        chunks = registry.build(cfg, layout, opts)
     load_checkpoint(chunks, ckpt)
     return cfg, chunks, hf_vocab
 
@@ -456,8 +461,10 @@ def check_fp8(fp8: str | None) -> None:
     if fp8 not in FP8_FORMATS:
         raise ValueError(f"--fp8 {fp8!r}: one of {', '.join(FP8_FORMATS)}")
     if not specs.te_available():
+        why = ("no GPU" if not specs.cpu.gpu_present() else "TANUKI_TE=0 set" if os.environ.get("TANUKI_TE") == "0"
+               else "no Transformer Engine")
         raise ValueError(f"--fp8 {fp8}: FP8 needs Transformer Engine on a GPU (pip install megatron_tanuki[te]); "
-                         "this machine has " + ("no GPU" if not specs.cpu.gpu_present() else "no Transformer Engine"))
+                         f"this machine has {why}")
 
 
 def check_job(job: GenerateJob) -> None:
@@ -486,6 +493,8 @@ def check_job(job: GenerateJob) -> None:
     if job.kv_memory_gb is not None and not job.kv_memory_gb > 0:
         raise ValueError(f"--kv-memory-gb {job.kv_memory_gb}: must be positive")
     check_fp8(job.fp8)
+    if job.fp8 and job.dtype == "fp32":
+        raise ValueError(f"--fp8 {job.fp8} with --dtype fp32: FP8 runs with bf16 around it; drop --dtype")
     if job.prompt_logprobs and not job.score:
         raise ValueError("--prompt-logprobs works with --score (scoring runs only)")
     if job.score:

@@ -52,6 +52,8 @@ def check_options(opts: ServeOptions) -> ServeOptions:
     from megatron_tanuki.inference.generate import check_fp8
 
     check_fp8(opts.fp8)
+    if opts.fp8 and opts.dtype == "fp32":
+        raise ValueError(f"--fp8 {opts.fp8} with --dtype fp32: FP8 runs with bf16 around it; drop --dtype")
     if opts.max_tokens_per_step % 64 or opts.max_tokens_per_step < 64:
         raise ValueError(f"--max-tokens-per-step {opts.max_tokens_per_step}: must be a positive multiple of 64")
     return opts
