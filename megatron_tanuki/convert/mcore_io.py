@@ -52,13 +52,9 @@ def model_layout(cfg, dtype: torch.dtype):
     from megatron.core.dist_checkpointing.mapping import ShardedTensor, apply_factories
 
     from megatron_tanuki.models import registry
-    from megatron_tanuki.models.tanuki.builder import BuildOptions
-    from megatron_tanuki.runtime.distributed import ParallelLayout, init_single_process
+    from megatron_tanuki.models.checkpoint_meta import DTYPE_NAMES
 
-    init_single_process(ParallelLayout(), registry.language_model(cfg))
-    name = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
-    opts = BuildOptions(dtype=name, perform_initialization=False)
-    model = registry.build(cfg, ParallelLayout(), opts, device="meta")[0]
+    model = registry.meta_model(cfg, DTYPE_NAMES[dtype])
     sharded = model.sharded_state_dict()
     apply_factories(sharded)
     pieces: dict[str, list[Piece]] = {}

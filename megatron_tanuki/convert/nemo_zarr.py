@@ -15,7 +15,7 @@ import os
 import torch
 import yaml
 
-from megatron_tanuki.convert.safetensors_io import CheckpointError
+from megatron_tanuki.convert.safetensors_io import CheckpointError, read_bytes
 
 CONFIG = "model_config.yaml"
 WEIGHTS = "model_weights"
@@ -65,12 +65,10 @@ class ZarrArray:
         out = torch.empty(out_shape, dtype=self.dtype)
         if out.numel() == 0:
             return out[0] if index_of_axis0 is not None else out
-        want = math.prod(self.chunks) * self.itemsize
         grids = [range(lo // self.chunks[0], (hi - 1) // self.chunks[0] + 1)] if self.shape else []
         grids += [range(math.ceil(s / c)) for s, c in zip(self.shape[1:], self.chunks[1:])]
         for grid in itertools.product(*grids):
-            fname = self.sep.join(map(str, grid)) if grid else "0"
-            chunk = self._chunk(fname, want)
+            chunk = self._chunk(grid)
             src, dst = [], []
             for axis, (g, c, s) in enumerate(zip(grid, self.chunks, self.shape)):
                 a, b = max(g * c, lo if axis == 0 else 0), min(g * c + c, hi if axis == 0 else s)
@@ -82,36 +80,26 @@ class ZarrArray:
     def check_chunks(self) -> None:
         """Every chunk file present with its full size (stat only): a corrupt checkpoint is named
         before any output is written, not midway through a conversion."""
-        want = math.prod(self.chunks) * self.itemsize
         for grid in itertools.product(*[range(math.ceil(s / c)) for s, c in zip(self.shape, self.chunks)]):
-            fname = self.sep.join(map(str, grid)) if grid else "0"
-            try:
-                size = os.stat(os.path.join(self.path, *fname.split("/"))).st_size
-            except FileNotFoundError:
-                raise CheckpointError(f"{os.path.dirname(self.path)}: tensor {self.key} chunk {fname} is missing") from None
-            if size != want:
-                raise CheckpointError(f"{os.path.dirname(self.path)}: tensor {self.key} chunk {fname} "
-                                      f"has {size} bytes, expected {want}")
+            self._chunk_file(grid)
 
-    def _chunk(self, fname: str, want: int) -> torch.Tensor:
-        where = os.path.join(self.path, *fname.split("/"))
+    def _chunk_file(self, grid) -> tuple[str, str, int]:
+        """(path, name, bytes) of the chunk at ``grid``, checked present and full-size (zarr writes edge
+        chunks whole)."""
+        name = self.sep.join(map(str, grid)) if grid else "0"
+        path, want = os.path.join(self.path, *name.split("/")), math.prod(self.chunks) * self.itemsize
+        where = f"{os.path.dirname(self.path)}: tensor {self.key} chunk {name}"
         try:
-            with open(where, "rb", buffering=0) as f:
-                size = os.fstat(f.fileno()).st_size
-                if size != want:
-                    raise CheckpointError(f"{os.path.dirname(self.path)}: tensor {self.key} chunk {fname} "
-                                          f"has {size} bytes, expected {want}")
-                buf = bytearray(want)
-                view, got = memoryview(buf), 0
-                while got < want:  # one read() returns at most ~2 GiB on Linux; big chunks take several
-                    n = f.readinto(view[got:])
-                    if not n:
-                        raise CheckpointError(f"{os.path.dirname(self.path)}: tensor {self.key} chunk {fname} "
-                                              f"ended after {got} of {want} bytes")
-                    got += n
+            size = os.stat(path).st_size
         except FileNotFoundError:
-            raise CheckpointError(f"{os.path.dirname(self.path)}: tensor {self.key} chunk {fname} is missing") from None
-        return torch.frombuffer(buf, dtype=self.dtype).reshape(self.chunks)
+            raise CheckpointError(f"{where} is missing") from None
+        if size != want:
+            raise CheckpointError(f"{where} has {size} bytes, expected {want}")
+        return path, where, want
+
+    def _chunk(self, grid) -> torch.Tensor:
+        path, where, want = self._chunk_file(grid)
+        return read_bytes(path, 0, want, f"{where} ended early").view(self.dtype).reshape(self.chunks)
 
 
 class NemoCheckpoint:

@@ -27,6 +27,22 @@ _ITEMSIZE = {"BF16": 2, "F16": 2, "F32": 4, "F64": 8, "I64": 8, "I32": 4, "U8": 
 _STALE_WEIGHTS = (".bin", ".pt", ".pth", ".ckpt", ".safetensors", ".bin.index.json", ".gguf")
 
 
+def read_bytes(path: str, start: int, nbytes: int, short: str) -> torch.Tensor:
+    """``nbytes`` bytes of ``path`` from ``start`` as a uint8 tensor in torch-owned memory (the conversion
+    writer can free it once written). A read loop: one read() returns at most ~2 GiB on Linux (Nemotron-4-340B's
+    embedding is 9.4 GB). ``short``: the CheckpointError text when the file ends first."""
+    buf = torch.empty(nbytes, dtype=torch.uint8)
+    view, got = memoryview(buf.numpy()), 0
+    with open(path, "rb", buffering=0) as f:
+        f.seek(start)
+        while got < nbytes:
+            n = f.readinto(view[got:])
+            if not n:
+                raise CheckpointError(short)
+            got += n
+    return buf
+
+
 def read_header(path: str) -> dict:
     """The safetensors header of ``path``, checked against the file's size.
 
@@ -135,19 +151,9 @@ class HFCheckpoint:
         shard = self.shard_of[name]
         info = self.headers[shard][name]
         nbytes = info["data_offsets"][1] - info["data_offsets"][0]
-        dtype = _DTYPES[info["dtype"]]
-        # torch-owned memory (the conversion writer frees it once written); filled by a read loop, since one
-        # read() returns at most ~2 GiB on Linux (Nemotron-4-340B's embedding is 9.4 GB)
-        buf = torch.empty(nbytes, dtype=torch.uint8)
-        view, got = memoryview(buf.numpy()), 0
-        with open(os.path.join(self.path, shard), "rb", buffering=0) as f:
-            f.seek(info["start"])
-            while got < nbytes:
-                n = f.readinto(view[got:])
-                if not n:
-                    raise CheckpointError(f"truncated safetensors file: {self.path}/{shard} while reading {name}")
-                got += n
-        return buf.view(dtype).reshape(info["shape"])
+        buf = read_bytes(os.path.join(self.path, shard), info["start"], nbytes,
+                         f"truncated safetensors file: {self.path}/{shard} while reading {name}")
+        return buf.view(_DTYPES[info["dtype"]]).reshape(info["shape"])
 
     def side_files(self) -> list[str]:
         """Files that are not weights (tokenizer, generation config, ...), passed through."""

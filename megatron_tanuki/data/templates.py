@@ -96,6 +96,14 @@ def get(name: str) -> Template:
     return TEMPLATES[name]
 
 
+def message_turns(messages, where: str) -> list[tuple[str, str]]:
+    """[(role, text)] of a JSON ``messages`` list; its shape is checked here, its roles by ``render``."""
+    if not isinstance(messages, list) or not all(isinstance(m, dict) and isinstance(m.get("content"), str)
+                                                 and isinstance(m.get("role"), str) for m in messages):
+        raise ConversationError(f"{where}: \"messages\" must be a list of {{\"role\", \"content\"}} objects")
+    return [(m["role"], m["content"]) for m in messages]
+
+
 def check_turns(turns: list[tuple[str, str]], sample: str, unit: str = "turn") -> None:
     """Roles alternate user, assistant, user, ...; anything else is named (sample, index, role)."""
     if not turns:

@@ -16,7 +16,6 @@ spread over the groups by line; one rank of each group writes.
 """
 from __future__ import annotations
 
-import dataclasses
 import fcntl
 import json
 import math
@@ -176,11 +175,10 @@ class _Requests:
                 raise RequestError(f"{where}: \"prompt\" must be a string")
             turns = [("user", rec["prompt"])]
         else:
-            msgs = rec["messages"]
-            if not isinstance(msgs, list) or not all(isinstance(m, dict) and isinstance(m.get("content"), str)
-                                                     and isinstance(m.get("role"), str) for m in msgs):
-                raise RequestError(f"{where}: \"messages\" must be a list of {{\"role\", \"content\"}} objects")
-            turns = [(m["role"], m["content"]) for m in msgs]
+            try:
+                turns = templates.message_turns(rec["messages"], where)
+            except templates.ConversationError as e:
+                raise RequestError(str(e)) from None
         images = []
         if rec.get("image") is not None:
             if not self.vision:
@@ -503,15 +501,7 @@ def check_job(job: GenerateJob) -> None:
 
 def run(job: GenerateJob) -> list:
     """Under torchrun/srun: this rank; else ``nproc`` local ranks (default TP*PP*EP)."""
-    from megatron_tanuki.runtime.spawn import run_ranks
+    from megatron_tanuki.runtime.spawn import run_job
 
     check_job(job)
-    if "RANK" in os.environ or ("SLURM_PROCID" in os.environ and "SLURM_STEP_ID" in os.environ):
-        return [generate_rank(job)]
-    nproc = job.nproc or job.tp * job.pp * job.ep
-    if nproc == 1:
-        from megatron_tanuki.runtime.spawn import free_port
-
-        os.environ.setdefault("MASTER_PORT", str(free_port()))
-        return [generate_rank(job)]
-    return run_ranks(generate_rank, nproc, dataclasses.replace(job, nproc=nproc))
+    return run_job(generate_rank, job, job.nproc or job.tp * job.pp * job.ep)

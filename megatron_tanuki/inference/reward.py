@@ -16,7 +16,6 @@ pipeline schedule as ``convert verify`` under any TP x PP layout.
 """
 from __future__ import annotations
 
-import dataclasses
 import os
 import time
 from dataclasses import dataclass
@@ -39,33 +38,17 @@ class RewardJob:
     dtype: str | None = None
 
 
-class ConversationError(ValueError):
-    pass
-
-
 def reward_text(messages, where: str, fmt) -> str:
     """The scored text of one conversation in ``fmt`` (a registry RewardFormat)."""
     from megatron_tanuki.data import templates
 
-    if not isinstance(messages, list) or not messages:
-        raise ConversationError(f"{where}: \"messages\" must be a non-empty list")
-    turns = []
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict) or not isinstance(m.get("content"), str) or m.get("role") not in (
-                "system", "user", "assistant"):
-            raise ConversationError(f"{where}: messages[{i}] must be {{\"role\": system|user|assistant, "
-                                    f"\"content\": text}}")
-        if m["role"] == "system" and i:
-            raise ConversationError(f"{where}: messages[{i}]: a system message may only come first")
-        turns.append((m["role"], m["content"]))
+    turns = templates.message_turns(messages, where)
+    if not turns or turns[-1][0] != "assistant":
+        raise templates.ConversationError(f"{where}: the last message must be the assistant answer to score")
     if turns[0][0] != "system":
         turns.insert(0, ("system", fmt.system))
-    if turns[-1][0] != "assistant":
-        raise ConversationError(f"{where}: the last message must be the assistant answer to score")
-    try:
-        head = templates.render(templates.get(fmt.template), turns[:-1], where, unit="message", prompt=True)
-    except templates.ConversationError as e:
-        raise ConversationError(str(e)) from None
+    # roles (a system message only first, then user/assistant alternating) are checked by render
+    head = templates.render(templates.get(fmt.template), turns[:-1], where, unit="message", prompt=True)
     return "".join(t for t, _ in head) + turns[-1][1] + "\n" + fmt.label
 
 
@@ -138,8 +121,8 @@ def reward_rank(job: RewardJob) -> dict:
             try:
                 ids = encode_text(tok, reward_text(p.request.get("messages"), where, fmt), images=False, bos=False)[0]
                 if len(ids) > limit:
-                    raise ConversationError(f"{where}: {len(ids)} tokens; {cfg.name} takes at most {limit}")
-            except (ConversationError, ValueError) as e:
+                    raise ValueError(f"{where}: {len(ids)} tokens; {cfg.name} takes at most {limit}")
+            except ValueError as e:  # templates.ConversationError included
                 error = str(e)
         if error is not None:
             if writer:
@@ -169,13 +152,7 @@ def check_job(job: RewardJob) -> None:
 
 def run(job: RewardJob) -> list:
     """Under torchrun/srun: this rank; else TP*PP*EP local ranks."""
-    from megatron_tanuki.runtime.spawn import free_port, run_ranks
+    from megatron_tanuki.runtime.spawn import run_job
 
     check_job(job)
-    if "RANK" in os.environ or ("SLURM_PROCID" in os.environ and "SLURM_STEP_ID" in os.environ):
-        return [reward_rank(job)]
-    nproc = job.tp * job.pp * job.ep
-    if nproc == 1:
-        os.environ.setdefault("MASTER_PORT", str(free_port()))
-        return [reward_rank(job)]
-    return run_ranks(reward_rank, nproc, dataclasses.replace(job, nproc=nproc))
+    return run_job(reward_rank, job, job.tp * job.pp * job.ep)

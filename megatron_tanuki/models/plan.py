@@ -83,11 +83,8 @@ def shares(cfg) -> tuple[Share, ...]:
     from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
 
     from megatron_tanuki.models import registry
-    from megatron_tanuki.models.tanuki.builder import BuildOptions
-    from megatron_tanuki.runtime.distributed import ParallelLayout, init_single_process
 
-    init_single_process(ParallelLayout(), cfg)
-    (model,) = registry.build(cfg, ParallelLayout(), BuildOptions(perform_initialization=False), device="meta")
+    model = registry.meta_model(cfg)
     linear_weights = {f"{m}.weight" for m, mod in model.named_modules()
                       if m.startswith("decoder.layers.") and isinstance(mod, (ColumnParallelLinear, RowParallelLinear))}
     out = []

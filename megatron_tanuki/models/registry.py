@@ -67,11 +67,16 @@ def _vision_build(cfg, layout, opts=None, device=None):
     return build_vlm(cfg, layout, opts, device=device)
 
 
-def _tanuki_rules(cfg, hf_vocab: int):
+def _shape(cfg, hf_vocab: int):
     from megatron_tanuki.models.shapes import Shape
+
+    return Shape(cfg.num_attention_heads, cfg.num_query_groups, cfg.head_dim, hf_vocab, cfg.vocab_size)
+
+
+def _tanuki_rules(cfg, hf_vocab: int):
     from megatron_tanuki.models.tanuki import hf_map
 
-    shape = Shape(cfg.num_attention_heads, cfg.num_query_groups, cfg.head_dim, hf_vocab, cfg.vocab_size)
+    shape = _shape(cfg, hf_vocab)
     return ((rule, shape) for rule in hf_map.rules(cfg.num_layers, cfg.num_experts))
 
 
@@ -87,23 +92,17 @@ def _tanuki_from_hf(hf: dict, where: str):
     return from_hf_config(hf, where)
 
 
-def _nemotron_shape(cfg, hf_vocab: int):
-    from megatron_tanuki.models.shapes import Shape
-
-    return Shape(cfg.num_attention_heads, cfg.num_query_groups, cfg.head_dim, hf_vocab, cfg.vocab_size)
-
-
 def _nemotron_rules(cfg, hf_vocab: int):
     from megatron_tanuki.models.nemotron4 import hf_map
 
-    shape = _nemotron_shape(cfg, hf_vocab)
+    shape = _shape(cfg, hf_vocab)
     return ((rule, shape) for rule in hf_map.hf_rules(cfg.num_layers, bool(cfg.reward_outputs)))
 
 
 def _nemotron_nemo_rules(cfg):
     from megatron_tanuki.models.nemotron4 import hf_map
 
-    shape = _nemotron_shape(cfg, cfg.vocab_size)
+    shape = _shape(cfg, cfg.vocab_size)
     return ((rule, shape) for rule in hf_map.nemo_rules(cfg.num_layers, bool(cfg.reward_outputs)))
 
 
@@ -249,6 +248,16 @@ def build(cfg, layout, opts=None, device=None) -> list:
     return architecture_of(cfg).build(cfg, layout, opts, device=device)
 
 
+def meta_model(cfg, dtype: str = "fp32"):
+    """``cfg`` built whole (TP=PP=EP=1, one process) on the meta device: its parameters' names, shapes,
+    parallel attributes and checkpoint layout without memory (model-info, --plan, the conversion writer)."""
+    from megatron_tanuki.models.tanuki.builder import BuildOptions
+    from megatron_tanuki.runtime.distributed import ParallelLayout, init_single_process
+
+    init_single_process(ParallelLayout(), language_model(cfg))
+    return build(cfg, ParallelLayout(), BuildOptions(dtype=dtype, perform_initialization=False), device="meta")[0]
+
+
 def get_preset(name: str):
     if name not in PRESETS:
         raise KeyError(f"unknown preset {name!r}; known presets: {', '.join(sorted(PRESETS))}")
@@ -257,15 +266,12 @@ def get_preset(name: str):
 
 def model_info(name: str) -> dict:
     """Parameter counts of the whole model, built on the meta device (no memory, one process)."""
-    from megatron_tanuki.models.tanuki.builder import BuildOptions, build_model, count_parameters
-    from megatron_tanuki.runtime.distributed import ParallelLayout, init_single_process
+    from megatron_tanuki.models.tanuki.builder import count_parameters
 
     preset = get_preset(name)
     vision = preset if architecture_of(preset) is TANUKI_VISION else None
     cfg = language_model(preset)
-    init_single_process(ParallelLayout(), cfg)
-    chunks = build_model(cfg, ParallelLayout(), BuildOptions(perform_initialization=False), device="meta")
-    counts = count_parameters(chunks, cfg)
+    counts = count_parameters([meta_model(cfg)], cfg)
     info = {
         "preset": name,
         "architecture": ("moe" if cfg.is_moe else "dense") + ("+reward" if cfg.reward_outputs else ""),

@@ -7,6 +7,7 @@ an exception on any rank is re-raised in the parent with that rank's traceback.
 """
 from __future__ import annotations
 
+import dataclasses
 import multiprocessing.util
 import os
 import pickle
@@ -27,6 +28,27 @@ class RankFailed(RuntimeError):
         super().__init__(text)
         self.user_message = user_message
         self.first_error = first_error or (text.splitlines() or [""])[0]
+
+
+def launcher_rank(env=None) -> str | None:
+    """This process's global rank when torchrun or an srun step started it, else None."""
+    env = os.environ if env is None else env
+    if "RANK" in env:
+        return env["RANK"]
+    if "SLURM_PROCID" in env and "SLURM_STEP_ID" in env:
+        return env["SLURM_PROCID"]
+    return None
+
+
+def run_job(fn, job, nproc: int) -> list:
+    """Results of ``fn(job)`` on every rank of a batch command (generate, score-reward): this rank
+    under a launcher; one process here; else ``nproc`` spawned local ranks (``job.nproc`` set)."""
+    if launcher_rank() is not None:
+        return [fn(job)]
+    if nproc == 1:
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
+        return [fn(job)]
+    return run_ranks(fn, nproc, dataclasses.replace(job, nproc=nproc))
 
 
 def free_port() -> int:

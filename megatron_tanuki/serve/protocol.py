@@ -160,14 +160,20 @@ class ChatChoice(BaseModel):
     finish_reason: str | None
 
 
-class ChatCompletion(BaseModel):
+class _Envelope(BaseModel):
+    """What every response and stream chunk carries around its choices (``object`` names the kind)."""
+
     id: str
-    object: Literal["chat.completion"] = "chat.completion"
+    object: str
     created: int
     model: str
+    system_fingerprint: None = None
+
+
+class ChatCompletion(_Envelope):
+    object: Literal["chat.completion"] = "chat.completion"
     choices: list[ChatChoice]
     usage: Usage
-    system_fingerprint: None = None
 
 
 class ChatDelta(BaseModel):
@@ -189,12 +195,8 @@ class ChatChunkChoice(BaseModel):
     finish_reason: str | None = None
 
 
-class ChatChunk(BaseModel):
-    id: str
+class ChatChunk(_Envelope):
     object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
-    created: int
-    model: str
-    system_fingerprint: None = None
     choices: list[ChatChunkChoice]
     usage: Usage | None = None
 
@@ -213,14 +215,10 @@ class CompletionChoice(BaseModel):
     finish_reason: str | None
 
 
-class Completion(BaseModel):
+class Completion(_Envelope):
     """A completions response, and (same object name, as OpenAI) a completions stream chunk."""
 
-    id: str
     object: Literal["text_completion"] = "text_completion"
-    created: int
-    model: str
-    system_fingerprint: None = None
     choices: list[CompletionChoice]
     usage: Usage | None = None
 

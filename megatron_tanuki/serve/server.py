@@ -145,10 +145,10 @@ def serve_rank(opts: ServeOptions) -> dict:
 
 def run(opts: ServeOptions) -> list:
     """Under torchrun/srun: this rank; else ``nproc`` local ranks (default TP*PP*EP)."""
-    from megatron_tanuki.runtime.spawn import free_port, run_ranks
+    from megatron_tanuki.runtime.spawn import free_port, launcher_rank, run_ranks
 
     opts = check_options(opts)
-    if "RANK" in os.environ or ("SLURM_PROCID" in os.environ and "SLURM_STEP_ID" in os.environ):
+    if launcher_rank() is not None:
         from megatron_tanuki.runtime.distributed import shutdown
 
         result = serve_rank(opts)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import sys
 
+from megatron_tanuki.runtime.spawn import launcher_rank  # noqa: F401  (re-exported: train.launch.launcher_rank)
 
 def add_arguments(p) -> None:
     p.add_argument("config")
@@ -49,16 +50,6 @@ def command(args) -> int:
         with open(args.summary_json, "w", encoding="utf-8") as f:
             f.write(summary_json(results[0]))
     return 0
-
-
-def launcher_rank(env=None) -> str | None:
-    """This process's global rank when torchrun or an srun step started it, else None."""
-    env = os.environ if env is None else env
-    if "RANK" in env:
-        return env["RANK"]
-    if "SLURM_PROCID" in env and "SLURM_STEP_ID" in env:
-        return env["SLURM_PROCID"]
-    return None
 
 
 def train_rank(config: str, overrides: list) -> dict:

@@ -145,11 +145,15 @@ def _broken(tmp_path, edit):
     return str(copy), str(tmp_path / "out")
 
 
-def test_shape_disagreeing_with_yaml_is_named_and_leaves_nothing(tmp_path):
+def _yaml_edit(old, new):
+    """An edit for _broken: one text replacement in the copy's model_config.yaml."""
     def edit(d):
-        y = (d / "model_config.yaml").read_text().replace("ffn_hidden_size: 128", "ffn_hidden_size: 256")
-        (d / "model_config.yaml").write_text(y)
-    src, out = _broken(tmp_path, edit)
+        (d / "model_config.yaml").write_text((d / "model_config.yaml").read_text().replace(old, new))
+    return edit
+
+
+def test_shape_disagreeing_with_yaml_is_named_and_leaves_nothing(tmp_path):
+    src, out = _broken(tmp_path, _yaml_edit("ffn_hidden_size: 128", "ffn_hidden_size: 256"))
     with pytest.raises(CheckpointError) as e:
         nemo.nemo_to_mcore(src, out)
     assert str(e.value) == (f"{src}/model_weights/model.decoder.layers.mlp.linear_fc1.weight: tensor "
@@ -166,10 +170,7 @@ def test_missing_chunk_during_conversion_leaves_nothing(tmp_path):
 
 
 def test_unsupported_normalization_is_named(tmp_path):
-    def edit(d):
-        y = (d / "model_config.yaml").read_text().replace("normalization: layernorm1p", "normalization: rmsnorm")
-        (d / "model_config.yaml").write_text(y)
-    src, out = _broken(tmp_path, edit)
+    src, out = _broken(tmp_path, _yaml_edit("normalization: layernorm1p", "normalization: rmsnorm"))
     with pytest.raises(ConfigError) as e:
         nemo.nemo_to_mcore(src, out)
     assert str(e.value) == (f"{src}/model_config.yaml: normalization = 'rmsnorm' is not supported for "
@@ -195,8 +196,7 @@ def test_tokenizer_named_by_the_yaml_is_copied_as_tokenizer_model(tmp_path):
         (d / "tok").mkdir()
         shutil.move(make_nemotron_spm(str(d / "tok")), d / "a1b2_nemotron_2_256k.model")
         (d / "tok").rmdir()
-        y = (d / "model_config.yaml").read_text().replace("  model: null", "  model: nemo:a1b2_nemotron_2_256k.model")
-        (d / "model_config.yaml").write_text(y)
+        _yaml_edit("  model: null", "  model: nemo:a1b2_nemotron_2_256k.model")(d)
     src, out = _broken(tmp_path, edit)
     nemo.nemo_to_mcore(src, out)
     assert sorted(os.listdir(os.path.join(out, "hf"))) == ["config.json", "model_config.yaml", "tokenizer.model"]

@@ -1,6 +1,7 @@
 """slurm/*.sh: DRY_RUN=1 prints the launch (as sbatch would run it); LOCAL=1 runs the tiny config;
 the requeue rules of common.sh run against stand-in srun/scontrol executables (there is no Slurm
 here: the batch-side shell logic is what is under test, with real processes and real signals)."""
+import contextlib
 import glob
 import os
 import re
@@ -316,20 +317,18 @@ def test_serve_refuses_a_public_bind_without_a_key(tmp_path):
     assert r.returncode == 2 and f"[slurm] checkpoint {tmp_path}/nope: no such file or folder" in r.stderr
 
 
-def test_serve_sigterm_reaches_the_ranks_through_slurm_not_srun(tmp_path):
-    ckpt = tmp_path / "ckpt"
-    ckpt.mkdir()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
-    env.update(_serve_env(tmp_path, FAKE_SRUN="serve", TANUKI_API_KEY=KEY))
-    proc = subprocess.Popen(["bash", os.path.join(ROOT, "slurm", "serve.sh"), str(ckpt)], env=env, cwd="/",
+def term_when_ready(script, *args, env, ready):
+    """Start slurm/SCRIPT with the stand-in srun; once the fake ranks wrote ``ready`` (their pid), send
+    SIGTERM to the batch shell (scancel --batch, or a kill of it); (process, stdout, stderr). The fake
+    ranks are killed whatever happens."""
+    proc = subprocess.Popen(["bash", os.path.join(ROOT, "slurm", script), *args], env=env, cwd="/",
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    ready = tmp_path / "ready"
     try:
         deadline = time.time() + 30
         while not ready.exists():
             assert proc.poll() is None and time.time() < deadline, proc.communicate()
             time.sleep(0.05)
-        proc.send_signal(signal.SIGTERM)  # scancel --batch, or a kill of the batch shell
+        proc.send_signal(signal.SIGTERM)
         out, err = proc.communicate(timeout=30)
     finally:
         if proc.poll() is None:
@@ -339,6 +338,15 @@ def test_serve_sigterm_reaches_the_ranks_through_slurm_not_srun(tmp_path):
                 os.kill(int(ready.read_text()), signal.SIGKILL)
             except ProcessLookupError:
                 pass
+    return proc, out, err
+
+
+def test_serve_sigterm_reaches_the_ranks_through_slurm_not_srun(tmp_path):
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    env.update(_serve_env(tmp_path, FAKE_SRUN="serve", TANUKI_API_KEY=KEY))
+    proc, out, err = term_when_ready("serve.sh", str(ckpt), env=env, ready=tmp_path / "ready")
     assert proc.returncode == 0, out + err
     log = (tmp_path / "log").read_text().splitlines()
     # srun's arguments; the environment, not the command line, carries the key to the ranks
@@ -358,11 +366,36 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@contextlib.contextmanager
+def serving_locally(script, *args, env, log_path, port):
+    """slurm/SCRIPT ARGS with LOCAL=1 in ``env`` (its own process group, output in ``log_path``), yielded
+    once /health answers 200 on ``port`` (up to 120 s); killed on the way out if still running."""
+    import urllib.request
+
+    log = open(log_path, "w+")
+    proc = subprocess.Popen(["bash", os.path.join(ROOT, "slurm", script), *args],
+                            env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline, status = time.time() + 120, None
+        while status != 200:
+            assert proc.poll() is None, open(log_path).read()[-3000:]
+            assert time.time() < deadline, "no /health within 120 s: " + open(log_path).read()[-3000:]
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as resp:
+                    status = resp.status
+            except OSError:
+                time.sleep(0.5)
+        yield proc
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        log.close()
+
+
 def test_serve_local_answers_health_and_drains_on_sigterm(tmp_path):
     """LOCAL=1 on a tiny dense checkpoint: /health answers on loopback without a key; SIGTERM to the
     script's process group (the server is exec'd in its place) ends it with exit 0 within the grace."""
-    import urllib.request
-
     import torch
 
     from megatron_tanuki.convert import engine
@@ -374,27 +407,10 @@ def test_serve_local_answers_health_and_drains_on_sigterm(tmp_path):
     env = {k: v for k, v in os.environ.items()
            if not k.startswith("SLURM_") and k not in ("RANK", "WORLD_SIZE", "TANUKI_API_KEY", "TANUKI_DEBUG")}
     env.update({"LOCAL": "1", "PORT": str(port), "OMP_NUM_THREADS": "1", "LOG_DIR": str(tmp_path / "logs")})
-    log = open(tmp_path / "serve.log", "w+")
-    proc = subprocess.Popen(["bash", os.path.join(ROOT, "slurm", "serve.sh"), str(tmp_path / "ck"),
-                             "--kv-memory-gb", "0.05", "--shutdown-grace", str(grace)],
-                            env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        deadline, status = time.time() + 120, None
-        while status != 200:
-            assert proc.poll() is None, open(tmp_path / "serve.log").read()[-3000:]
-            assert time.time() < deadline, "no /health within 120 s: " + open(tmp_path / "serve.log").read()[-3000:]
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as resp:
-                    status = resp.status
-            except OSError:
-                time.sleep(0.5)
+    with serving_locally("serve.sh", str(tmp_path / "ck"), "--kv-memory-gb", "0.05", "--shutdown-grace", str(grace),
+                         env=env, log_path=tmp_path / "serve.log", port=port) as proc:
         os.killpg(proc.pid, signal.SIGTERM)
         rc = proc.wait(timeout=grace + 20)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        log.close()
     text = open(tmp_path / "serve.log").read()
     assert rc == 0, text[-3000:]
     assert f"[slurm] tanuki serve: http://127.0.0.1:{port}/v1 once loaded" in text

@@ -8,9 +8,8 @@ from the NeMo zarr fixture on 2 CPU ranks with the nemotron4 template.
 import os
 import signal
 import subprocess
-import time
 
-from tests.train.test_slurm import KEY, ROOT, SLURM_ENV, _fake_slurm, sh, srun_lines
+from tests.train.test_slurm import KEY, ROOT, SLURM_ENV, _fake_slurm, serving_locally, sh, srun_lines, term_when_ready
 
 SCRIPT = "serve_nemotron4_340b.sh"
 PY = f"{ROOT}/.venv/bin/python"
@@ -121,24 +120,7 @@ def test_sigterm_reaches_the_ranks_through_slurm(tmp_path):
     ckpt.mkdir()
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
     env.update({**_env(tmp_path, DRY_RUN="0"), **_fake_slurm(tmp_path), "FAKE_SRUN": "serve"})
-    proc = subprocess.Popen(["bash", os.path.join(ROOT, "slurm", SCRIPT), str(ckpt)], env=env, cwd="/",
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    ready = tmp_path / "ready"
-    try:
-        deadline = time.time() + 30
-        while not ready.exists():
-            assert proc.poll() is None and time.time() < deadline, proc.communicate()
-            time.sleep(0.05)
-        proc.send_signal(signal.SIGTERM)
-        out, err = proc.communicate(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        if ready.exists():
-            try:
-                os.kill(int(ready.read_text()), signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+    proc, out, err = term_when_ready(SCRIPT, str(ckpt), env=env, ready=tmp_path / "ready")
     assert proc.returncode == 0, out + err
     log = (tmp_path / "log").read_text().splitlines()
     assert log[0] == "ranks: " + _srun(tmp_path, 2, ckpt, 8, 2)[len("srun "):] + f" key={KEY}"
@@ -166,20 +148,8 @@ def test_local_serves_the_tiny_nemotron4_with_its_template(tmp_path):
     env = {k: v for k, v in os.environ.items()
            if not k.startswith("SLURM_") and k not in ("RANK", "WORLD_SIZE", "TANUKI_API_KEY", "TANUKI_DEBUG", "MODE")}
     env.update({"LOCAL": "1", "PORT": str(port), "OMP_NUM_THREADS": "1", "LOG_DIR": str(tmp_path / "logs")})
-    log = open(tmp_path / "serve.log", "w+")
-    proc = subprocess.Popen(["bash", os.path.join(ROOT, "slurm", SCRIPT), str(ck), "--tokenizer", tok,
-                             "--kv-memory-gb", "0.05", "--shutdown-grace", "5"],
-                            env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        deadline, status = time.time() + 120, None
-        while status != 200:
-            assert proc.poll() is None, open(tmp_path / "serve.log").read()[-3000:]
-            assert time.time() < deadline, "no /health within 120 s: " + open(tmp_path / "serve.log").read()[-3000:]
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as resp:
-                    status = resp.status
-            except OSError:
-                time.sleep(0.5)
+    with serving_locally(SCRIPT, str(ck), "--tokenizer", tok, "--kv-memory-gb", "0.05", "--shutdown-grace", "5",
+                         env=env, log_path=tmp_path / "serve.log", port=port) as proc:
         prompt = "what is the capital of Japan"
         body = json.dumps({"model": "ck", "messages": [{"role": "user", "content": prompt}], "max_tokens": 4,
                            "temperature": 0}).encode()
@@ -189,11 +159,6 @@ def test_local_serves_the_tiny_nemotron4_with_its_template(tmp_path):
             answer = json.loads(resp.read())
         os.killpg(proc.pid, signal.SIGTERM)
         rc = proc.wait(timeout=30)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        log.close()
     text = open(tmp_path / "serve.log").read()
     assert rc == 0, text[-3000:]
     assert "[slurm] MODE=h100x2 on this machine: --tp 1 --pp 2 (2 CPU ranks)" in text

@@ -100,7 +100,7 @@ def test_nproc_under_a_launcher_warns(tmp_path):
 
 
 def test_launcher_rank_reads_torchrun_and_srun_steps():
-    from megatron_tanuki.train.launch import launcher_rank
+    from megatron_tanuki.runtime.spawn import launcher_rank
 
     assert launcher_rank({}) is None
     assert launcher_rank({"RANK": "3"}) == "3"
