@@ -1,0 +1,1 @@
+"""`tanuki synth`: persona-driven synthetic conversations, filters, DPO pairs, VLM captions, export."""
