@@ -11,7 +11,7 @@ setup(
     description="Tanuki Japanese LLMs (dense, MoE, vision) on NVIDIA Megatron-Core: train, convert, serve.",
     python_requires=">=3.12",
     packages=find_packages(include=["megatron_tanuki", "megatron_tanuki.*"]),
-    package_data={"megatron_tanuki": ["data/assets/*", "examples/*.yaml"]},
+    package_data={"megatron_tanuki": ["data/assets/*", "data/assets/topic-hub/*", "examples/*.yaml", "synth/*.yaml"]},
     install_requires=[
         "torch>=2.6",
         "megatron-core>=0.19,<0.20",
@@ -26,6 +26,9 @@ setup(
         "tensorboard",  # training scalars (torch.utils.tensorboard)
         "fastapi",  # `tanuki serve` (OpenAI-compatible HTTP)
         "uvicorn",
+        "httpx",  # `tanuki synth` against OpenAI-compatible servers
+        "datasketch",  # `tanuki synth filter`: MinHash LSH near-duplicates
+        "datasets",  # `tanuki synth export --to hf-dataset`, hf: seed sources
     ],
     extras_require={
         # GPU clusters: Transformer Engine brings fused kernels, grouped-GEMM experts and FP8.

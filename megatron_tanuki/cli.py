@@ -17,6 +17,10 @@
     tanuki serve --ckpt CKPT [--tp N --pp N --ep N | --nproc N] [--host 127.0.0.1 --port 8000] [--api-key KEY]
                  [--served-model-name NAME] [--max-concurrency N] [--max-prompt-tokens N] [--max-tokens-limit N]
     tanuki score-reward --ckpt CKPT --input CONV.jsonl --output SCORED.jsonl [--tp N --pp N] [--batch-size N]
+    tanuki synth run RECIPE.yaml --out DIR [--limit N] [--shard i/n] [--backend engine --ckpt CKPT --tp N --pp N --ep N
+                     | --backend openai --base-url URL [--base-url URL2 ...] [--api-key-env VAR] [--model NAME]]
+    tanuki synth run --print-recipe
+    tanuki synth merge DIR [DIR ...] --out DIR
     tanuki upcycle --dense DIR --experts 8 --noise 0.001 --seed 0 --out DIR [--to hf|mcore]
 
 A user error is one line on stderr (exit 2); a crash also keeps its traceback in a
@@ -184,6 +188,73 @@ def cmd_serve(args) -> int:
     return 0
 
 
+def cmd_synth_run(args) -> int:
+    from megatron_tanuki.synth import job as synth
+
+    if args.print_recipe:
+        print(synth.print_recipe(), end="")
+        return 0
+    if not args.recipe or not args.out:
+        raise ValueError("tanuki synth run: give RECIPE and --out DIR (or --print-recipe)")
+    fields = synth.SynthJob.__dataclass_fields__
+    job = synth.SynthJob(**{k: v for k, v in vars(args).items() if k in fields})
+    args.run_dir = args.out
+    r = synth.run(job)[0]
+    line = (f"tanuki synth run: {r['completed']} conversation(s) written, {r['rejected']} rejected, "
+            f"{r['skipped']} already done, {r['abandoned']} left for the rerun; {r['completion_tokens']} tokens in "
+            f"{r['seconds']} s ({r['tokens_per_s']} tok/s)")
+    if "efficiency" in r:
+        line += f", {100 * r['efficiency']:.1f}% of the {r['ceiling_tokens_per_s']} tok/s ceiling"
+    print(line)
+    return 0
+
+
+def cmd_synth_merge(args) -> int:
+    from megatron_tanuki.synth.merge import merge
+
+    r = merge(args.dirs, args.out)
+    print(f"tanuki synth merge: {r['records']} conversation(s) from {r['files']} shard file(s) -> {args.out}; "
+          f"every id of {r['expected']} slot(s) exactly once ({r['rejected']} in rejects)")
+    return 0
+
+
+def _synth_parser(sub) -> None:
+    sy = sub.add_parser("synth", help="persona-driven synthetic conversations: run, filter, dpo, captions, export")
+    ssub = sy.add_subparsers(dest="synth_command", required=True)
+    r = ssub.add_parser("run", help="a recipe's conversations against a teacher (resumable, --shard i/n)")
+    r.add_argument("recipe", nargs="?", help="the recipe YAML (examples/synth_*.yaml)")
+    r.add_argument("--out", help="output folder (data/, rejects/; a rerun skips what is done)")
+    r.add_argument("--print-recipe", action="store_true", help="print the recipe schema, every field explained")
+    r.add_argument("--limit", type=int, default=None, help="at most N conversation slots (try a recipe small)")
+    r.add_argument("--shard", default="0/1", help="i/n: this job's deterministic slice of the ids (Slurm arrays)")
+    r.add_argument("--backend", choices=["engine", "openai"], default=None,
+                   help="engine (in-process, --ckpt) or openai (--base-url); default: openai when --base-url is given")
+    r.add_argument("--ckpt", default=None, help="--backend engine: the teacher checkpoint")
+    for name in ("tp", "pp", "ep"):
+        r.add_argument(f"--{name}", type=int, default=1)
+    r.add_argument("--dtype", choices=["fp32", "bf16"], default=None)
+    r.add_argument("--fp8", choices=["e4m3", "hybrid"], default=None)
+    r.add_argument("--tokenizer", default=None)
+    r.add_argument("--kv-memory-gb", type=float, default=None)
+    r.add_argument("--max-seq-len", type=int, default=None)
+    r.add_argument("--max-tokens-per-step", type=int, default=8192)
+    r.add_argument("--base-url", dest="base_urls", action="append", default=[],
+                   help="an OpenAI-compatible server, e.g. http://node1:8000/v1 (repeat for several)")
+    r.add_argument("--api-key-env", default=None, help="the environment variable holding the API key")
+    r.add_argument("--model", default=None, help="the served model name (default: the server's first)")
+    r.add_argument("--concurrency", type=int, default=64, help="openai: starting requests in flight (adapts)")
+    r.add_argument("--timeout", dest="timeout_s", type=float, default=600.0, help="openai: seconds per request")
+    r.add_argument("--ceiling-tps", type=float, default=None,
+                   help="the backend's tokens/s at saturation (tools/bench_generate.py): the summary's efficiency")
+    r.add_argument("--grace", dest="grace_s", type=float, default=120.0,
+                   help="after SIGTERM/SIGUSR1, seconds for running conversations to finish")
+    r.set_defaults(func=cmd_synth_run)
+    m = ssub.add_parser("merge", help="join shard outputs; every id of the recipe exactly once")
+    m.add_argument("dirs", nargs="+", help="output folders of the shard runs (or one folder holding all shards)")
+    m.add_argument("--out", required=True)
+    m.set_defaults(func=cmd_synth_merge)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tanuki", description="Tanuki LLMs on Megatron-Core")
     p.add_argument("--version", action=_Version, nargs=0, help="versions of tanuki and its numerics stack")
@@ -317,6 +388,8 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--tokenizer", default=None)
     sv.set_defaults(func=cmd_serve)
 
+    _synth_parser(sub)
+
     tr = sub.add_parser("train", help="pretrain / SFT / VLM stage 1-2 from a YAML config (examples/)")
     launch.add_arguments(tr)
     tr.set_defaults(func=launch.command)
@@ -343,6 +416,8 @@ def main(argv=None) -> int:
         parser.error("model-info: give a PRESET or --list")
     if args.command == "demo":
         args.run_dir = args.workdir
+    if args.command == "synth" and args.synth_command == "run" and args.backend is None:
+        args.backend = "openai" if args.base_urls else "engine"
     crash.exit_on_sigterm()
     try:
         if args.command != "train":  # train activates in each rank (launch.train_rank)
