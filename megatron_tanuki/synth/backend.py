@@ -20,6 +20,7 @@ class TurnRequest:
     max_tokens: int = 512
     stop: tuple[str, ...] = ()
     seed: int = 0                     # derived from the conversation id, the turn and the attempt
+    images: tuple[str, ...] = ()      # image files for a vision model (captions); "<image>" marks their place
 
     def sampling(self) -> dict:
         d = asdict(self)
@@ -45,3 +46,24 @@ class BackendStats:
     retries: dict = field(default_factory=dict)      # kind -> count of retried attempts
     errors: dict = field(default_factory=dict)       # kind -> requests given up on
     concurrency: int = 0                             # requests it accepts in flight now
+
+
+def run_requests(backend, requests, poll_s: float = 0.2):
+    """Yield a TurnResult for every TurnRequest of ``requests`` (an iterable, read lazily), keeping the
+    backend at its capacity: for one-shot work (DPO answers and verdicts, captions) that needs no
+    conversation state. Results come in finishing order."""
+    it = iter(requests)
+    pending, exhausted = 0, False
+    while True:
+        while not exhausted and backend.capacity() > 0:
+            req = next(it, None)
+            if req is None:
+                exhausted = True
+                break
+            backend.submit(req)
+            pending += 1
+        if pending == 0 and exhausted:
+            return
+        for res in backend.poll(poll_s):
+            pending -= 1
+            yield res

@@ -14,8 +14,8 @@ from megatron_tanuki.synth.backend import BackendStats, TurnRequest, TurnResult
 
 
 class EngineBackend:
-    def __init__(self, engine, tok, template, max_in_flight: int | None = None, group=None):
-        self.engine, self.tok, self.template = engine, tok, template
+    def __init__(self, engine, tok, template, max_in_flight: int | None = None, group=None, cfg=None):
+        self.engine, self.tok, self.template, self.cfg = engine, tok, template, cfg
         self.limit = max_in_flight or 2 * engine.context.max_requests
         self.group = group          # the process group whose ranks must agree on stop flags
         self._immediate: list[TurnResult] = []
@@ -26,17 +26,35 @@ class EngineBackend:
         from megatron_tanuki.data import templates
         from megatron_tanuki.inference.engine import RequestError, SamplingOptions
 
+        from megatron_tanuki.data.images import ImageError
+
         turns = [(m["role"], m["content"]) for m in req.messages]
         try:
+            images = self._images(req, turns)
             ids = templates.prompt_ids(self.tok, self.template, turns)
             opts = SamplingOptions(max_tokens=req.max_tokens, temperature=req.temperature, top_p=req.top_p,
                                    stop=tuple(dict.fromkeys(tuple(req.stop) + self.template.stop)), seed=req.seed)
-            self.engine.submit(req.key, ids, opts)
-        except (RequestError, templates.ConversationError, ValueError) as e:
+            self.engine.submit(req.key, ids, opts, images)
+        except (RequestError, templates.ConversationError, ImageError, ValueError) as e:
             self._stats.errors["request"] = self._stats.errors.get("request", 0) + 1
             self._immediate.append(TurnResult(req.key, finish_reason="error", error=str(e), error_kind="request"))
             return
         self._started[req.key] = time.monotonic()
+
+    def _images(self, req: TurnRequest, turns: list) -> list:
+        """Preprocessed pixels of the request's images; "<image>" put before the first user turn's text
+        when the messages do not place it (as `tanuki generate` does)."""
+        from megatron_tanuki.data import templates
+        from megatron_tanuki.data.images import load_image, preprocess
+
+        if not req.images:
+            return []
+        if self.cfg is None or not hasattr(self.cfg, "vision"):
+            raise ValueError(f"{req.key}: the request has an image but the model has no vision tower")
+        if not any(templates.IMAGE_MARK in t for _, t in turns):
+            k = next(k for k, (r, _) in enumerate(turns) if r == "user")
+            turns[k] = ("user", templates.IMAGE_MARK + "\n" + turns[k][1])
+        return [preprocess(load_image(p, req.key), self.cfg.image_size) for p in req.images]
 
     def poll(self, timeout: float) -> list[TurnResult]:
         out, self._immediate = self._immediate, []

@@ -112,18 +112,8 @@ def engine_rank(job: SynthJob) -> dict:
     from megatron_tanuki.synth.engine_backend import EngineBackend
 
     recipe = load_recipe(job.recipe)
-    cfg, chunks, hf_vocab = load_model(job)
-    tok = load_tokenizer(job.tokenizer or checkpoint_tokenizer(job.ckpt))
-    llm = registry.language_model(cfg)
+    backend = engine_backend(job, recipe.teacher.chat, recipe.teacher.system is not None, where=recipe.path)
     rank0 = dist.get_rank() == 0
-    options = EngineOptions(max_sequence_length=job.max_seq_len or llm.max_position_embeddings,
-                            kv_memory_gb=job.kv_memory_gb, max_tokens=job.max_tokens_per_step)
-    engine = Engine(chunks, tok, options, vocab_limit=min(tok.vocab_size, hf_vocab),
-                    log=print if rank0 else (lambda *_: None))
-    template = templates.get(recipe.teacher.chat or registry.architecture_of(cfg).default_chat)
-    if recipe.teacher.system is not None and not template.system_turn:
-        raise ValueError(f"{recipe.path}: teacher.system: the {template.name} template has no system turn")
-    backend = EngineBackend(engine, tok, template)
     stop = StopFlag()
     previous = stop.install()
     try:
@@ -134,6 +124,33 @@ def engine_rank(job: SynthJob) -> dict:
     finally:
         backend.close()
         _restore(previous)
+
+
+def engine_backend(job, chat: str | None = None, system: bool = False, where: str = "", images: bool = False):
+    """An EngineBackend on this rank for ``job`` (anything with ckpt, tp, pp, ep, dtype, fp8, tokenizer,
+    kv_memory_gb, max_seq_len, max_tokens_per_step): the checkpoint's model in the job's layout, its
+    tokenizer, and ``chat`` (default: the architecture's template). ``system``: the requests carry a
+    system message (refused for a template without a system turn)."""
+    import torch.distributed as dist
+
+    from megatron_tanuki.data import templates
+    from megatron_tanuki.data.tokenizer import load_tokenizer
+    from megatron_tanuki.inference.engine import Engine, EngineOptions
+    from megatron_tanuki.inference.generate import checkpoint_tokenizer, load_model
+    from megatron_tanuki.models import registry
+    from megatron_tanuki.synth.engine_backend import EngineBackend
+
+    cfg, chunks, hf_vocab = load_model(job)
+    tok = load_tokenizer(job.tokenizer or checkpoint_tokenizer(job.ckpt))
+    llm = registry.language_model(cfg)
+    options = EngineOptions(max_sequence_length=job.max_seq_len or llm.max_position_embeddings,
+                            kv_memory_gb=job.kv_memory_gb, max_tokens=job.max_tokens_per_step)
+    engine = Engine(chunks, tok, options, vocab_limit=min(tok.vocab_size, hf_vocab),
+                    log=print if dist.get_rank() == 0 else (lambda *_: None))
+    template = templates.get(chat or registry.architecture_of(cfg).default_chat)
+    if system and not template.system_turn:
+        raise ValueError(f"{where}: teacher.system: the {template.name} template has no system turn")
+    return EngineBackend(engine, tok, template, cfg=cfg)
 
 
 def _broadcast(done):
