@@ -212,7 +212,7 @@ def cmd_synth_run(args) -> int:
 def cmd_synth_merge(args) -> int:
     from megatron_tanuki.synth.merge import merge
 
-    r = merge(args.dirs, args.out)
+    r = merge(args.dirs, args.out, limit=args.limit)
     print(f"tanuki synth merge: {r['records']} conversation(s) from {r['files']} shard file(s) -> {args.out}; "
           f"every id of {r['expected']} slot(s) exactly once ({r['rejected']} in rejects)")
     return 0
@@ -252,6 +252,7 @@ def _synth_parser(sub) -> None:
     m = ssub.add_parser("merge", help="join shard outputs; every id of the recipe exactly once")
     m.add_argument("dirs", nargs="+", help="output folders of the shard runs (or one folder holding all shards)")
     m.add_argument("--out", required=True)
+    m.add_argument("--limit", type=int, default=None, help="the --limit the shard runs used (default: the recipe's count)")
     m.set_defaults(func=cmd_synth_merge)
 
 

@@ -32,8 +32,6 @@ Read back: ``requests`` (chat requests seen), ``ok`` (answered 200 with a good b
 ``model_requests`` (GET /v1/models), ``max_concurrency`` (most chat requests in the handler at once),
 ``log`` (a :class:`Hit` per chat request, in arrival order).
 """
-from __future__ import annotations
-
 import asyncio
 import hashlib
 import json
@@ -114,7 +112,7 @@ class FakeServer:
         self._sock = socket.socket()
         self._sock.bind(("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{self._sock.getsockname()[1]}/v1"
-        config = uvicorn.Config(self._asgi, log_level="warning", lifespan="off", http="h11", access_log=False,
+        config = uvicorn.Config(self._asgi, log_level="warning", lifespan="off", http="h11", interface="asgi3", access_log=False,
                                 timeout_keep_alive=300, timeout_graceful_shutdown=2)
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [self._sock]},
