@@ -9,7 +9,8 @@ timeouts, a truncated body. So:
   timeouts and malformed bodies (Retry-After, in seconds or as an HTTP date, is a lower bound on the
   wait); other 4xx come back at once as an error naming the URL and the server's message;
 * each attempt goes to the base URL with the fewest attempts in flight (ties: round robin), so a
-  retry may land on another server;
+  retry may land on another server; a URL whose attempts keep failing is skipped for a while
+  (exponential cooldown, cleared by its next success) unless every URL is failing;
 * the number of requests it accepts (``capacity()``) adapts, AIMD: halve on a 429 or a connection
   error (at most once per second), -10% when the median latency per output token of the last 32
   successes exceeds twice the best median seen (at most once per 32 successes, no growth meanwhile),
@@ -90,6 +91,45 @@ def _server_message(resp) -> str:
     return text or resp.reason_phrase or "(empty body)"
 
 
+def with_images(req: TurnRequest) -> list[dict]:
+    """The request's messages with its image files as OpenAI ``image_url`` parts (base64 data URLs), each
+    where an "<image>" mark stands; with no mark, all images go before the first user message's text
+    (as the engine backend does)."""
+    import base64
+    import mimetypes
+
+    from megatron_tanuki.data.templates import IMAGE_MARK
+
+    def part(path: str) -> dict:
+        with open(path, "rb") as f:
+            data = base64.b64encode(f.read()).decode()
+        mime = mimetypes.guess_type(path)[0] or "image/png"
+        return {"type": "image_url", "image_url": {"url": f"data:{mime};base64,{data}"}}
+
+    messages = [dict(m) for m in req.messages]
+    marks = sum(str(m.get("content") or "").count(IMAGE_MARK) for m in messages)
+    if marks == 0:
+        first_user = next((m for m in messages if m.get("role") == "user"), None)
+        if first_user is None:
+            raise ValueError("the request has images but no user message to carry them")
+        first_user["content"] = IMAGE_MARK * len(req.images) + str(first_user.get("content") or "")
+    elif marks != len(req.images):
+        raise ValueError(f"{marks} {IMAGE_MARK} marks in the messages but {len(req.images)} images")
+    images = iter(req.images)
+    for m in messages:
+        text = str(m.get("content") or "")
+        if IMAGE_MARK not in text:
+            continue
+        parts = []
+        for k, piece in enumerate(text.split(IMAGE_MARK)):
+            if k:
+                parts.append(part(next(images)))
+            if piece.strip():
+                parts.append({"type": "text", "text": piece.strip("\n")})
+        m["content"] = parts
+    return messages
+
+
 class OpenAIBackend:
     """Chat completions against ``base_urls`` with retries, load balancing and adaptive concurrency.
 
@@ -140,6 +180,8 @@ class OpenAIBackend:
         self._sending = 0
         self._waiters: deque[asyncio.Future] = deque()
         self._url_load = [0] * len(self.base_urls)
+        self._url_streak = [0] * len(self.base_urls)        # failed attempts in a row
+        self._url_down_until = [0.0] * len(self.base_urls)  # skipped until then, while another is up
         self._round_robin = 0
         self._models: dict[int, str] = {}
         self._model_locks = [asyncio.Lock() for _ in self.base_urls]
@@ -236,9 +278,13 @@ class OpenAIBackend:
         """One request to its end: attempts, backoff between them, one result on the queue."""
         retries, avoid = 0, None
         try:
+            try:
+                messages = await asyncio.to_thread(with_images, req) if req.images else req.messages
+            except (OSError, ValueError) as e:
+                raise _Failure("request", f"{req.key}: {e}", False) from None
             while True:
                 try:
-                    result = await self._attempt(req, avoid)
+                    result = await self._attempt(req, messages, avoid)
                     break
                 except _Failure as f:
                     if not f.retry or retries >= self.max_retries:
@@ -253,6 +299,9 @@ class OpenAIBackend:
                     await asyncio.sleep(self._backoff(retries, f.retry_after))
         except asyncio.CancelledError:
             raise
+        except _Failure as f:  # the request itself is unusable: nothing was sent
+            result = TurnResult(req.key, finish_reason="error", error=f.message, error_kind=f.kind)
+            self._count(self._errors, f.kind)
         except Exception as e:  # a bug here must still answer the request, not leave it in flight forever
             result = TurnResult(req.key, finish_reason="error", error=f"{type(e).__name__}: {e}",
                                 error_kind="internal")
@@ -263,13 +312,13 @@ class OpenAIBackend:
             self._in_flight -= 1
             self._results.put(result)
 
-    async def _attempt(self, req: TurnRequest, avoid: int | None) -> TurnResult:
+    async def _attempt(self, req: TurnRequest, messages: list[dict], avoid: int | None) -> TurnResult:
         await self._acquire()
         idx = self._pick_url(avoid)
         self._url_load[idx] += 1
         try:
             model = await self._model_for(idx)
-            payload = {"model": model, "messages": req.messages, "temperature": req.temperature,
+            payload = {"model": model, "messages": messages, "temperature": req.temperature,
                        "top_p": req.top_p, "max_tokens": req.max_tokens, "stop": list(req.stop) or None,
                        "seed": req.seed}
             endpoint = f"{self.base_urls[idx]}/chat/completions"
@@ -277,9 +326,14 @@ class OpenAIBackend:
             resp = await self._send(idx, "POST", endpoint, payload)
             result = self._parse(req.key, resp, endpoint)
             self._on_success(time.monotonic() - start, result.completion_tokens)
+            self._url_streak[idx], self._url_down_until[idx] = 0, 0.0
             return result
         except _Failure as f:
             f.url_index = idx
+            if f.retry:
+                self._url_streak[idx] += 1
+                cooldown = min(self.backoff_max_s, max(self.backoff_s, 0.05) * 2 ** (self._url_streak[idx] - 1))
+                self._url_down_until[idx] = time.monotonic() + cooldown
             raise
         finally:
             self._url_load[idx] -= 1
@@ -346,9 +400,11 @@ class OpenAIBackend:
                            f"{resp.text[:200]!r}", True) from None
 
     def _pick_url(self, avoid: int | None) -> int:
-        n = len(self.base_urls)
+        """The least-loaded URL among those not cooling down after failures (all, if every one is)."""
+        n, now = len(self.base_urls), time.monotonic()
         order = [(self._round_robin + k) % n for k in range(n)]
-        idx = min(order, key=lambda i: (self._url_load[i], i == avoid))
+        up = [i for i in order if self._url_down_until[i] <= now] or order
+        idx = min(up, key=lambda i: (self._url_load[i], i == avoid))
         self._round_robin = (idx + 1) % n
         return idx
 

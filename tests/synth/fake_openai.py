@@ -56,8 +56,13 @@ def answer_for(messages, seed) -> str:
 
 
 def prompt_tokens_for(messages) -> int:
-    """usage.prompt_tokens of the fake: the characters of all message contents."""
-    return sum(len(m.get("content") or "") for m in messages)
+    """usage.prompt_tokens of the fake: the characters of all message texts, and 1 per image part."""
+    def size(content) -> int:
+        if isinstance(content, list):
+            return sum(len(p.get("text", "")) if p.get("type") == "text" else 1 for p in content)
+        return len(content or "")
+
+    return sum(size(m.get("content")) for m in messages)
 
 
 @dataclass
