@@ -74,7 +74,7 @@ def check_job(job: SynthJob):
 def run(job: SynthJob):
     recipe = check_job(job)
     if job.backend == "openai":
-        return _run_openai(job, recipe)
+        return [_run_openai(job, recipe)]
     from megatron_tanuki.runtime.spawn import run_job
 
     return run_job(engine_rank, job, job.tp * job.pp * job.ep)
