@@ -8,6 +8,7 @@ named ``file:line`` (JSONL) or ``file[i]`` (JSON array) in every message.
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 from collections import Counter
@@ -104,3 +105,26 @@ class BadRecords:
         if not self.reasons:
             return "no bad records"
         return "; ".join(f"{kind}: {n} (first at {self.first[kind]})" for kind, n in self.reasons.most_common())
+
+
+class LineWriter:
+    """Appends whole JSON lines, each flushed and fsynced under an exclusive lock: several writers may
+    share one file (request groups of `tanuki generate`), and a kill leaves at most one torn last line."""
+
+    def __init__(self, path: str):
+        folder = os.path.dirname(os.path.abspath(path))
+        os.makedirs(folder, exist_ok=True)
+        self.f = open(path, "a", encoding="utf-8")
+
+    def write(self, record: dict) -> None:
+        line = json.dumps(record, ensure_ascii=False) + "\n"
+        fcntl.flock(self.f, fcntl.LOCK_EX)
+        try:
+            self.f.write(line)
+            self.f.flush()
+            os.fsync(self.f.fileno())
+        finally:
+            fcntl.flock(self.f, fcntl.LOCK_UN)
+
+    def close(self) -> None:
+        self.f.close()

@@ -16,7 +16,6 @@ spread over the groups by line; one rank of each group writes.
 """
 from __future__ import annotations
 
-import fcntl
 import json
 import math
 import os
@@ -26,6 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
+from megatron_tanuki.data.records import LineWriter as Writer  # noqa: F401 (generate's output writer)
 from megatron_tanuki.inference.engine import Completion, Engine, EngineOptions, RequestError, SamplingOptions
 
 SAMPLING_FIELDS = {"max_tokens": int, "temperature": float, "top_p": float, "top_k": int, "seed": int,
@@ -237,28 +237,6 @@ class _Requests:
 
 
 # -------------------------------------------------------------------------- output
-
-class Writer:
-    """Appends whole lines under an exclusive lock (several request groups share one file)."""
-
-    def __init__(self, path: str):
-        folder = os.path.dirname(os.path.abspath(path))
-        os.makedirs(folder, exist_ok=True)
-        self.f = open(path, "a", encoding="utf-8")
-
-    def write(self, record: dict) -> None:
-        line = json.dumps(record, ensure_ascii=False) + "\n"
-        fcntl.flock(self.f, fcntl.LOCK_EX)
-        try:
-            self.f.write(line)
-            self.f.flush()
-            os.fsync(self.f.fileno())
-        finally:
-            fcntl.flock(self.f, fcntl.LOCK_UN)
-
-    def close(self) -> None:
-        self.f.close()
-
 
 def record(c: Completion, rid, line: int | None, score_names=(), logprobs: bool = False) -> dict:
     out = {"id": rid, "text": c.text, "finish_reason": c.finish_reason, "prompt_tokens": c.prompt_tokens,

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import os
 
-from megatron_tanuki.inference.generate import Writer
+from megatron_tanuki.data.records import LineWriter as Writer
 
 
 def shard_name(shard: tuple[int, int]) -> str:
