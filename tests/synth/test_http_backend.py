@@ -12,8 +12,8 @@ import time
 import pytest
 
 from megatron_tanuki.synth.backend import TurnRequest
-from megatron_tanuki.synth.http_backend import OpenAIBackend, parse_retry_after
-from tests.synth.fake_openai import FakeServer, answer_for, prompt_tokens_for, request_digest
+from megatron_tanuki.synth.http_backend import OpenAIBackend, parse_retry_after, with_images
+from megatron_tanuki.synth.fake_server import FakeServer, answer_for, prompt_tokens_for, request_digest
 
 FAST = dict(backoff_s=0.02, backoff_max_s=0.2)
 
@@ -163,13 +163,16 @@ def test_concurrency_halves_on_429_burst_then_grows_back():
 
 
 def test_concurrency_shrinks_when_latency_per_token_rises():
-    requests = make_requests(104)
-    with FakeServer(latency=lambda n, body: 0.02 if n < 64 else 0.2) as srv:
-        with OpenAIBackend([srv.url], concurrency=20, max_concurrency=20, **FAST) as backend:
-            drive(backend, requests)
+    # the same 0.1 s per request, but 8 output tokens for the first 48 and 1 after: 8x the latency per token
+    requests = make_requests(72)
+    with FakeServer(latency=0.1, completion_tokens=lambda n, body: 8 if n < 48 else 1) as srv:
+        with OpenAIBackend([srv.url], concurrency=10, max_concurrency=10, **FAST) as backend:
+            results = drive(backend, requests)
             stats = backend.stats()
-    # 64 fast answers set the best median; once most of the last 32 are 10x slower: -10%, once per 32
-    assert stats.concurrency == 18 and stats.retries == {} and srv.ok == 104
+    assert sorted(r.completion_tokens for r in results.values()) == [1] * 24 + [8] * 48
+    # once 17 of the last 32 successes are slow: 10 -> 9 (-10%); no second shrink before 32 more
+    # successes, and no growth while the latency stays high
+    assert stats.concurrency == 9 and stats.retries == {} and srv.ok == 72
 
 
 def test_api_key_is_a_bearer_header():
@@ -202,6 +205,27 @@ def test_close_with_requests_in_flight_is_prompt():
         assert backend.in_flight() == 0 and backend.capacity() == 0 and backend.poll(0.1) == []
         with pytest.raises(RuntimeError, match="after close"):
             backend.submit(make_requests(1)[0])
+
+
+def test_images_go_as_data_url_parts(tmp_path):
+    png = tmp_path / "cat.png"
+    png.write_bytes(b"\x89PNG fake bytes")
+    plain = TurnRequest(key="img:0", seed=5, images=(str(png),),
+                        messages=[{"role": "system", "content": "説明して"}, {"role": "user", "content": "この画像は？"}])
+    marked = TurnRequest(key="img:1", seed=6, images=(str(png), str(png)),
+                         messages=[{"role": "user", "content": "<image>\n一枚目と<image>二枚目の違いは？"}])
+    wrong = TurnRequest(key="img:2", seed=7, images=(str(png),), messages=[{"role": "user", "content": "<image><image>"}])
+    image = {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORyBmYWtlIGJ5dGVz"}}
+    assert with_images(plain)[1]["content"] == [image, {"type": "text", "text": "この画像は？"}]
+    assert with_images(marked)[0]["content"] == [image, {"type": "text", "text": "一枚目と"}, image,
+                                                 {"type": "text", "text": "二枚目の違いは？"}]
+    with FakeServer() as srv:
+        with OpenAIBackend([srv.url], **FAST) as backend:
+            results = drive(backend, [plain, marked, wrong])
+    for req in (plain, marked):
+        assert results[req.key].text == answer_for(with_images(req), req.seed)
+    assert results["img:2"].error_kind == "request" and "2 <image> marks" in results["img:2"].error
+    assert srv.requests == 2
 
 
 def test_bad_arguments_are_named():
