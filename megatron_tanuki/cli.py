@@ -20,6 +20,7 @@
     tanuki synth run RECIPE.yaml --out DIR [--limit N] [--shard i/n] [--backend engine --ckpt CKPT --tp N --pp N --ep N
                      | --backend openai --base-url URL [--base-url URL2 ...] [--api-key-env VAR] [--model NAME]]
     tanuki synth run --print-recipe
+    tanuki synth captions RECIPE.yaml [--images DIR_OR_JSONL] [--out DIR] [--ckpt CKPT --tp N --pp N --ep N] [--limit N]
     tanuki synth merge DIR [DIR ...] --out DIR
     tanuki upcycle --dense DIR --experts 8 --noise 0.001 --seed 0 --out DIR [--to hf|mcore]
 
@@ -218,6 +219,24 @@ def cmd_synth_merge(args) -> int:
     return 0
 
 
+def cmd_synth_captions(args) -> int:
+    from megatron_tanuki.synth.captions import run_captions
+
+    args.run_dir = args.out
+    r = run_captions(args.recipe, images=args.images, out=args.out, ckpt=args.ckpt, tp=args.tp, pp=args.pp,
+                     ep=args.ep, limit=args.limit, kv_memory_gb=args.kv_memory_gb, max_seq_len=args.max_seq_len,
+                     dtype=args.dtype, fp8=args.fp8, tokenizer=args.tokenizer,
+                     max_tokens_per_step=args.max_tokens_per_step, grace_s=args.grace_s)
+    line = (f"tanuki synth captions: {r['answered']} answer(s), {r['rejected']} rejected, {r['skipped']} already done, "
+            f"{r['left']} left for the rerun; {r['completion_tokens']} tokens in {r['seconds']} s "
+            f"({r['tokens_per_s']} tok/s)")
+    if r["stage2"]:
+        line += (f"\n  vlm_stage1: {r['stage1']} ({r['stage1_records']} image(s))\n  vlm_stage2: {r['stage2']} "
+                 f"({r['stage2_records']} record(s))\n  data.image_folder: {r['image_folder']}")
+    print(line)
+    return 0
+
+
 def _synth_parser(sub) -> None:
     sy = sub.add_parser("synth", help="persona-driven synthetic conversations: run, filter, dpo, captions, export")
     ssub = sy.add_subparsers(dest="synth_command", required=True)
@@ -249,6 +268,26 @@ def _synth_parser(sub) -> None:
     r.add_argument("--grace", dest="grace_s", type=float, default=120.0,
                    help="after SIGTERM/SIGUSR1, seconds for running conversations to finish")
     r.set_defaults(func=cmd_synth_run)
+    c = ssub.add_parser("captions", help="a vision model answers the recipe's questions per image -> LLaVA JSON "
+                                         "for vlm_stage1/2 (resumable)")
+    c.add_argument("recipe", help="a recipe with a captions: section (examples/synth_captions_tanuki_vision.yaml)")
+    c.add_argument("--images", default=None,
+                   help="a folder (every .jpg/.jpeg/.png/.webp, recursively) or a JSONL of {\"image\"}; "
+                        "default: captions.images")
+    c.add_argument("--out", default=None, help="output folder (default: captions.out; a rerun asks only what is left)")
+    c.add_argument("--ckpt", default=None, help="the vision model's checkpoint (default: captions.model.ckpt)")
+    for name in ("tp", "pp", "ep"):
+        c.add_argument(f"--{name}", type=int, default=1)
+    c.add_argument("--limit", type=int, default=None, help="only the first N images (try a recipe small)")
+    c.add_argument("--dtype", choices=["fp32", "bf16"], default=None)
+    c.add_argument("--fp8", choices=["e4m3", "hybrid"], default=None)
+    c.add_argument("--tokenizer", default=None)
+    c.add_argument("--kv-memory-gb", type=float, default=None)
+    c.add_argument("--max-seq-len", type=int, default=None)
+    c.add_argument("--max-tokens-per-step", type=int, default=8192)
+    c.add_argument("--grace", dest="grace_s", type=float, default=120.0,
+                   help="after SIGTERM/SIGUSR1, seconds for the answers in flight to finish")
+    c.set_defaults(func=cmd_synth_captions)
     m = ssub.add_parser("merge", help="join shard outputs; every id of the recipe exactly once")
     m.add_argument("dirs", nargs="+", help="output folders of the shard runs (or one folder holding all shards)")
     m.add_argument("--out", required=True)
