@@ -22,6 +22,7 @@
     tanuki synth run --print-recipe
     tanuki synth captions RECIPE.yaml [--images DIR_OR_JSONL] [--out DIR] [--ckpt CKPT --tp N --pp N --ep N] [--limit N]
     tanuki synth merge DIR [DIR ...] --out DIR
+    tanuki synth export OUT_DIR --to hf-dataset DEST [--include-rejected] [--overwrite]
     tanuki upcycle --dense DIR --experts 8 --noise 0.001 --seed 0 --out DIR [--to hf|mcore]
 
 A user error is one line on stderr (exit 2); a crash also keeps its traceback in a
@@ -237,6 +238,16 @@ def cmd_synth_captions(args) -> int:
     return 0
 
 
+def cmd_synth_export(args) -> int:
+    from megatron_tanuki.synth.export import export_hf_dataset
+
+    r = export_hf_dataset(args.out_dir, args.dest, include_rejected=args.include_rejected, overwrite=args.overwrite)
+    filtered = f", {r['filtered_out']} filtered out" if r["filtered"] else ""
+    print(f"tanuki synth export: {r['rows']} conversation(s) -> {r['dest']} (datasets.load_from_disk), "
+          f"{r['rejected']} rejected by the run{filtered}; dataset card {r['dest']}/README.md")
+    return 0
+
+
 def _synth_parser(sub) -> None:
     sy = sub.add_parser("synth", help="persona-driven synthetic conversations: run, filter, dpo, captions, export")
     ssub = sy.add_subparsers(dest="synth_command", required=True)
@@ -293,6 +304,13 @@ def _synth_parser(sub) -> None:
     m.add_argument("--out", required=True)
     m.add_argument("--limit", type=int, default=None, help="the --limit the shard runs used (default: the recipe's count)")
     m.set_defaults(func=cmd_synth_merge)
+    e = ssub.add_parser("export", help="an output folder as a Hugging Face dataset (load_from_disk) with a dataset card")
+    e.add_argument("out_dir", help="a `tanuki synth run` output folder (its filtered/ kept rows when it was filtered)")
+    e.add_argument("--to", choices=["hf-dataset"], required=True, help="the format (hf-dataset: datasets.save_to_disk)")
+    e.add_argument("dest", help="the dataset folder to write (built beside it, renamed into place when complete)")
+    e.add_argument("--include-rejected", action="store_true", help="also the rows `tanuki synth filter` dropped (keep=false)")
+    e.add_argument("--overwrite", action="store_true", help="replace an existing DEST")
+    e.set_defaults(func=cmd_synth_export)
 
 
 def build_parser() -> argparse.ArgumentParser:
