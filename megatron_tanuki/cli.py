@@ -21,6 +21,7 @@
                      | --backend openai --base-url URL [--base-url URL2 ...] [--api-key-env VAR] [--model NAME]]
     tanuki synth run --print-recipe
     tanuki synth captions RECIPE.yaml [--images DIR_OR_JSONL] [--out DIR] [--ckpt CKPT --tp N --pp N --ep N] [--limit N]
+    tanuki synth filter OUT_DIR [--dedup] [--lang ja] [--ask-llm CKPT_OR_URL [--threshold P | --keep-top F]]
     tanuki synth merge DIR [DIR ...] --out DIR
     tanuki synth export OUT_DIR --to hf-dataset DEST [--include-rejected] [--overwrite]
     tanuki upcycle --dense DIR --experts 8 --noise 0.001 --seed 0 --out DIR [--to hf|mcore]
@@ -248,6 +249,17 @@ def cmd_synth_export(args) -> int:
     return 0
 
 
+def cmd_synth_filter(args) -> int:
+    from megatron_tanuki.synth.filters import run_filter
+
+    r = run_filter(args.out_dir, dedup=args.dedup, lang=args.lang, ask_llm=args.ask_llm, threshold=args.threshold,
+                   keep_top=args.keep_top, tp=args.tp, pp=args.pp, ep=args.ep, nproc=args.nproc)
+    why = ", ".join(f"{n} {kind}" for kind, n in r["dropped_by_reason"].items()) or "none"
+    print(f"tanuki synth filter: {r['kept']} of {r['rows']} row(s) kept, {r['dropped']} dropped ({why}) -> "
+          f"{os.path.join(args.out_dir, 'filtered', 'data.jsonl')}")
+    return 0
+
+
 def _synth_parser(sub) -> None:
     sy = sub.add_parser("synth", help="persona-driven synthetic conversations: run, filter, dpo, captions, export")
     ssub = sy.add_subparsers(dest="synth_command", required=True)
@@ -299,6 +311,19 @@ def _synth_parser(sub) -> None:
     c.add_argument("--grace", dest="grace_s", type=float, default=120.0,
                    help="after SIGTERM/SIGUSR1, seconds for the answers in flight to finish")
     c.set_defaults(func=cmd_synth_captions)
+    f = ssub.add_parser("filter", help="dedup, Japanese check, Ask-LLM over a run's data: keep/drop with reasons")
+    f.add_argument("out_dir", help="a `tanuki synth run` output folder (data/*.jsonl; settings: recipe.yaml filters:)")
+    f.add_argument("--dedup", action="store_true", help="exact on normalized Q1, then MinHash LSH near duplicates")
+    f.add_argument("--lang", choices=["ja"], default=None, help="kana/kanji share per turn, English translation tails")
+    f.add_argument("--ask-llm", dest="ask_llm", default=None, metavar="CKPT_OR_URL",
+                   help="Ask-LLM scorer: a checkpoint folder or an OpenAI-compatible URL (logprobs)")
+    f.add_argument("--threshold", type=float, default=None, help="Ask-LLM: keep scores >= this (default 0.5)")
+    f.add_argument("--keep-top", dest="keep_top", type=float, default=None,
+                   help="Ask-LLM: keep this fraction of the scored rows, best first")
+    for name in ("tp", "pp", "ep"):
+        f.add_argument(f"--{name}", type=int, default=1)
+    f.add_argument("--nproc", type=int, default=None)
+    f.set_defaults(func=cmd_synth_filter)
     m = ssub.add_parser("merge", help="join shard outputs; every id of the recipe exactly once")
     m.add_argument("dirs", nargs="+", help="output folders of the shard runs (or one folder holding all shards)")
     m.add_argument("--out", required=True)

@@ -180,6 +180,9 @@ def parse_recipe(data, path: str, text: str = "") -> Recipe:
     for key in ("filters", "dpo", "captions"):
         if d.get(key) is not None and not isinstance(d[key], dict):
             raise r.error(key, "must be a mapping")
+    from megatron_tanuki.synth.filters import FilterConfig
+
+    FilterConfig.from_dict(d.get("filters"), path)  # a bad filters: section fails now, not after the run
     identity = {"name": name, "teacher": d["teacher"], "seeds": d["seeds"], "combine": combine,
                 "sampling": d.get("sampling", {}), "retries": retries, "turns": d["turns"]}
     digest = hashlib.sha256(json.dumps(identity, sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:16]
