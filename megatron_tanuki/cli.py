@@ -20,6 +20,7 @@
     tanuki synth run RECIPE.yaml --out DIR [--limit N] [--shard i/n] [--backend engine --ckpt CKPT --tp N --pp N --ep N
                      | --backend openai --base-url URL [--base-url URL2 ...] [--api-key-env VAR] [--model NAME]]
     tanuki synth run --print-recipe
+    tanuki synth dpo RECIPE.yaml [--out DIR] [--limit N]
     tanuki synth captions RECIPE.yaml [--images DIR_OR_JSONL] [--out DIR] [--ckpt CKPT --tp N --pp N --ep N] [--limit N]
     tanuki synth filter OUT_DIR [--dedup] [--lang ja] [--ask-llm CKPT_OR_URL [--threshold P | --keep-top F]]
     tanuki synth merge DIR [DIR ...] --out DIR
@@ -260,6 +261,18 @@ def cmd_synth_filter(args) -> int:
     return 0
 
 
+def cmd_synth_dpo(args) -> int:
+    from megatron_tanuki.synth.dpo import run_dpo
+
+    args.run_dir = args.out
+    r = run_dpo(args.recipe, args.out, limit=args.limit)
+    if r:  # rank 0 (the other ranks of a launch return nothing)
+        why = ", ".join(f"{n} {reason}" for reason, n in r["rejects"].items() if n) or "none"
+        print(f"tanuki synth dpo: {r['pairs']} pair(s) from consistent verdicts, {r['rejected']} rejected ({why}), "
+              f"{r['undecided']} undecided (a rerun asks again), of {r['questions']} question(s)")
+    return 0
+
+
 def _synth_parser(sub) -> None:
     sy = sub.add_parser("synth", help="persona-driven synthetic conversations: run, filter, dpo, captions, export")
     ssub = sy.add_subparsers(dest="synth_command", required=True)
@@ -291,6 +304,11 @@ def _synth_parser(sub) -> None:
     r.add_argument("--grace", dest="grace_s", type=float, default=120.0,
                    help="after SIGTERM/SIGUSR1, seconds for running conversations to finish")
     r.set_defaults(func=cmd_synth_run)
+    dp = ssub.add_parser("dpo", help="preference pairs: 2 policy answers, the teacher judges twice (order swapped)")
+    dp.add_argument("recipe", help="a recipe with a dpo: section (examples/synth_dpo_tanuki.yaml)")
+    dp.add_argument("--out", default=None, help="output folder (default: dpo.out, else <name>_dpo beside the questions)")
+    dp.add_argument("--limit", type=int, default=None, help="only the first N questions")
+    dp.set_defaults(func=cmd_synth_dpo)
     c = ssub.add_parser("captions", help="a vision model answers the recipe's questions per image -> LLaVA JSON "
                                          "for vlm_stage1/2 (resumable)")
     c.add_argument("recipe", help="a recipe with a captions: section (examples/synth_captions_tanuki_vision.yaml)")

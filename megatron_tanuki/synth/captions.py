@@ -47,10 +47,9 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-import yaml
 
 from megatron_tanuki.synth.backend import TurnRequest
-from megatron_tanuki.synth.recipe import RecipeError, _Reader, _sampling, turn_seed
+from megatron_tanuki.synth.recipe import Reader, load_section, read_sampling, turn_seed
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp")
 IMAGE_MARK = "<image>"
@@ -58,7 +57,6 @@ CAPTION_KEYS = {"images", "model", "questions", "sampling", "stop", "retries", "
                 "seq_length"}
 MODEL_KEYS = {"name", "ckpt", "chat"}
 QUESTION_KEYS = {"name", "prompt", "category", "sampling", "stop", "allow_truncated"}
-ONLY_CAPTIONS = {"name", "description", "captions"}   # a recipe with no conversations (teacher/seeds/turns)
 DEFAULT_SAMPLING = {"temperature": 0.7, "top_p": 1.0, "max_tokens": 512}
 ANSWERS, REJECTS, STAGE1, STAGE2, SUMMARY = ("answers.jsonl", "rejects.jsonl", "llava_stage1.json",
                                              "llava_stage2.json", "summary.json")
@@ -98,31 +96,15 @@ def load_captions(path: str) -> CaptionRecipe:
 
     A full synth recipe (teacher, seeds, turns) is read by the synth recipe loader first; a recipe
     that only makes captions holds ``name``, ``description`` and ``captions``."""
-    if not os.path.isfile(path):
-        raise RecipeError(f"{path}: recipe file not found")
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        raise RecipeError(f"{path}: not valid YAML: {e}") from None
-    r = _Reader(path)
-    if isinstance(data, dict) and {"teacher", "seeds", "turns"} & set(data):
-        from megatron_tanuki.synth.recipe import load_recipe
-
-        name, section = load_recipe(path).name, data.get("captions")
-    else:
-        d = r.mapping(data, "", ONLY_CAPTIONS, required=("name", "captions"))
-        name, section = r.string(d["name"], "name"), d["captions"]
-    if not section:
-        raise r.error("captions", "missing: the recipe has no captions section")
+    recipe = load_section(path, "captions")
+    r, name, section = Reader(recipe.path), recipe.name, recipe.section
     c = r.mapping(section, "captions", CAPTION_KEYS, required=("questions",))
     model = r.mapping(c.get("model") or {}, "captions.model", MODEL_KEYS)
     ckpt = r.string(model["ckpt"], "captions.model.ckpt") if model.get("ckpt") is not None else None
     chat = _chat(r, model.get("chat"))
     model_name = r.string(model["name"], "captions.model.name") if model.get("name") is not None else \
         os.path.basename(os.path.normpath(ckpt)) if ckpt else "vlm"
-    defaults = _sampling(r, c.get("sampling") or {}, "captions.sampling", DEFAULT_SAMPLING)
+    defaults = read_sampling(r, c.get("sampling") or {}, "captions.sampling", DEFAULT_SAMPLING)
     stop = r.strings(c.get("stop"), "captions.stop")
     allow = _flag(r, c.get("allow_truncated", False), "captions.allow_truncated")
     retries = c.get("retries", 3)
@@ -140,11 +122,11 @@ def load_captions(path: str) -> CaptionRecipe:
     seq = c.get("seq_length")
     if seq is not None and (not isinstance(seq, int) or isinstance(seq, bool) or seq < 2):
         raise r.error("captions.seq_length", f"{seq!r}: the training's data.seq_length, an integer")
-    return CaptionRecipe(name=name, path=os.path.abspath(path), text=text, images=images, out=out, model=model_name,
+    return CaptionRecipe(name=name, path=os.path.abspath(path), text=recipe.text, images=images, out=out, model=model_name,
                          ckpt=ckpt, chat=chat, questions=questions, retries=retries, stage1=stage1, seq_length=seq)
 
 
-def _chat(r: _Reader, value) -> str | None:
+def _chat(r: Reader, value) -> str | None:
     if value is None:
         return None
     from megatron_tanuki.data import templates
@@ -159,13 +141,13 @@ def _chat(r: _Reader, value) -> str | None:
     return name
 
 
-def _flag(r: _Reader, value, where: str) -> bool:
+def _flag(r: Reader, value, where: str) -> bool:
     if not isinstance(value, bool):
         raise r.error(where, f"{value!r}: true or false")
     return value
 
 
-def _questions(r: _Reader, value, defaults: dict, stop: tuple, allow: bool) -> list[Question]:
+def _questions(r: Reader, value, defaults: dict, stop: tuple, allow: bool) -> list[Question]:
     if not isinstance(value, list) or not value:
         raise r.error("captions.questions", "a non-empty list of {name, prompt, category?, sampling?}")
     out = []
@@ -180,7 +162,7 @@ def _questions(r: _Reader, value, defaults: dict, stop: tuple, allow: bool) -> l
             raise r.error(f"{where}.prompt", f"leave out {IMAGE_MARK}: the image is placed before the question")
         category = r.string(d.get("category", name), f"{where}.category")
         out.append(Question(name=name, prompt=prompt, category=category,
-                            sampling=_sampling(r, d.get("sampling") or {}, f"{where}.sampling", defaults),
+                            sampling=read_sampling(r, d.get("sampling") or {}, f"{where}.sampling", defaults),
                             stop=tuple(dict.fromkeys(stop + r.strings(d.get("stop"), f"{where}.stop"))),
                             allow_truncated=_flag(r, d.get("allow_truncated", allow), f"{where}.allow_truncated")))
     return out

@@ -159,7 +159,7 @@ def load_recipe(path: str) -> Recipe:
 
 
 def parse_recipe(data, path: str, text: str = "") -> Recipe:
-    r = _Reader(path)
+    r = Reader(path)
     d = r.mapping(data, "", RECIPE_KEYS, required=("name", "teacher", "seeds", "turns"))
     name = r.string(d["name"], "name")
     if not re.fullmatch(r"[A-Za-z0-9_.\-]+", name):
@@ -172,7 +172,7 @@ def parse_recipe(data, path: str, text: str = "") -> Recipe:
     combine = d.get("combine", "sampled")
     if combine not in ("product", "sampled"):
         raise r.error("combine", f"{combine!r}: one of product, sampled")
-    defaults = _sampling(r, d.get("sampling", {}), "sampling", {"temperature": 0.7, "top_p": 1.0, "max_tokens": 512})
+    defaults = read_sampling(r, d.get("sampling", {}), "sampling", {"temperature": 0.7, "top_p": 1.0, "max_tokens": 512})
     retries = d.get("retries", 3)
     if not isinstance(retries, int) or isinstance(retries, bool) or retries < 0:
         raise r.error("retries", f"{retries!r}: an integer >= 0")
@@ -191,7 +191,43 @@ def parse_recipe(data, path: str, text: str = "") -> Recipe:
                   filters=d.get("filters") or {}, dpo=d.get("dpo") or {}, captions=d.get("captions") or {})
 
 
-class _Reader:
+@dataclass
+class Section:
+    """One tool's section of a recipe (``dpo``, ``captions``) and the recipe's name, path and text."""
+    name: str
+    path: str
+    text: str
+    section: dict
+    description: str = ""
+
+
+def load_section(path: str, key: str) -> Section:
+    """A recipe's ``key:`` section. A full recipe (teacher, seeds, turns) is validated whole; a recipe
+    for that tool alone holds only ``name``, ``description`` and the section."""
+    if not os.path.isfile(path):
+        raise RecipeError(f"{path}: recipe file not found")
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise RecipeError(f"{path}: not valid YAML: {e}") from None
+    r = Reader(path)
+    if isinstance(data, dict) and {"teacher", "seeds", "turns"} & set(data):
+        full = parse_recipe(data, path, text)
+        name, description = full.name, full.description
+    else:
+        d = r.mapping(data, "", {"name", "description", key}, required=("name",))
+        name, description = r.string(d["name"], "name"), d.get("description") or ""
+    section = data.get(key)
+    if not section:
+        raise r.error(key, f"missing: the recipe has no {key} section")
+    if not isinstance(section, dict):
+        raise r.error(key, "must be a mapping")
+    return Section(name=name, path=os.path.abspath(path), text=text, section=section, description=description)
+
+
+class Reader:
     def __init__(self, path: str):
         self.path = path
 
@@ -230,7 +266,7 @@ class _Reader:
             raise self.error(where, f"{value!r}: not a valid regular expression ({e})") from None
 
 
-def _teacher(r: _Reader, value) -> Teacher:
+def _teacher(r: Reader, value) -> Teacher:
     d = r.mapping(value, "teacher", TEACHER_KEYS, required=("name",))
     t = Teacher(name=r.string(d["name"], "teacher.name"), stop=r.strings(d.get("stop"), "teacher.stop"))
     if d.get("chat") is not None:
@@ -248,7 +284,7 @@ def _teacher(r: _Reader, value) -> Teacher:
     return t
 
 
-def _seeds(r: _Reader, value, base: str, combine: str) -> list[SeedList]:
+def _seeds(r: Reader, value, base: str, combine: str) -> list[SeedList]:
     if not isinstance(value, dict) or not value:
         raise r.error("seeds", "a mapping of variable name -> {source, field}")
     out = []
@@ -284,7 +320,7 @@ def _seeds(r: _Reader, value, base: str, combine: str) -> list[SeedList]:
     return out
 
 
-def _rows(r: _Reader, source: str, where: str, base: str):
+def _rows(r: Reader, source: str, where: str, base: str):
     """(origin, row) pairs of a seed source: ``builtin:NAME`` (the shipped topic-hub lists),
     ``hf:NAME[:SPLIT]`` (datasets: a saved folder or a hub dataset), or a JSONL path (relative to
     the recipe)."""
@@ -311,7 +347,7 @@ def _rows(r: _Reader, source: str, where: str, base: str):
     return rows
 
 
-def _hf_rows(r: _Reader, spec: str, where: str, base: str):
+def _hf_rows(r: Reader, spec: str, where: str, base: str):
     name, _, split = spec.partition(":")
     import datasets
 
@@ -328,7 +364,7 @@ def _hf_rows(r: _Reader, spec: str, where: str, base: str):
     return ((f"hf:{spec}[{i}]", row) for i, row in enumerate(ds))
 
 
-def _sampling(r: _Reader, value, where: str, defaults: dict) -> dict:
+def read_sampling(r: Reader, value, where: str, defaults: dict) -> dict:
     d = r.mapping(value, where, set(SAMPLING_KEYS))
     out = dict(defaults)
     for k, v in d.items():
@@ -342,7 +378,7 @@ def _sampling(r: _Reader, value, where: str, defaults: dict) -> dict:
     return out
 
 
-def _turns(r: _Reader, value, seed_names: list[str], defaults: dict) -> list[Turn]:
+def _turns(r: Reader, value, seed_names: list[str], defaults: dict) -> list[Turn]:
     if not isinstance(value, list) or not value:
         raise r.error("turns", "a non-empty list")
     defined, out = list(seed_names), []
@@ -387,13 +423,13 @@ def _turns(r: _Reader, value, seed_names: list[str], defaults: dict) -> list[Tur
         if not isinstance(allow, bool):
             raise r.error(f"{where}.allow_truncated", "true or false")
         out.append(Turn(name=name, role=role, prompt=prompt, stop=r.strings(d.get("stop"), f"{where}.stop"),
-                        sampling=_sampling(r, d.get("sampling") or {}, f"{where}.sampling", defaults),
+                        sampling=read_sampling(r, d.get("sampling") or {}, f"{where}.sampling", defaults),
                         require=require, cleanup=cleanup, allow_truncated=allow))
         defined.append(name)
     return out
 
 
-def _check_template(r: _Reader, text: str, where: str, defined: list[str]) -> None:
+def _check_template(r: Reader, text: str, where: str, defined: list[str]) -> None:
     try:
         fields = [f for _, f, _, _ in string.Formatter().parse(text) if f is not None]
     except ValueError as e:

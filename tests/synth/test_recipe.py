@@ -19,7 +19,7 @@ from megatron_tanuki.synth.recipe import RecipeError, load_recipe, turn_seed
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 RECIPES = sorted(glob.glob(os.path.join(ROOT, "examples", "synth_*.yaml")))
-CONVERSATION_RECIPES = [p for p in RECIPES if "captions" not in p]
+CONVERSATION_RECIPES = [p for p in RECIPES if "captions" not in p and "dpo" not in p]
 
 SEED_Q1 = """Create a {task} problem related to the following {topic}:
 
@@ -91,6 +91,18 @@ def test_shipped_recipe_renders_the_seed_teams_prompts(path):
         assert [m for m in c.request().messages if m["role"] != "system"] == [
             {"role": "user", "content": "Q-one"}, {"role": "assistant", "content": "A-one"},
             {"role": "user", "content": SEED_A2.format(question_2="Q-two")}]
+
+
+def test_tool_only_recipes_load_their_section(tmp_path):
+    from megatron_tanuki.synth.recipe import load_section
+
+    s = load_section(os.path.join(ROOT, "examples", "synth_dpo_tanuki.yaml"), "dpo")
+    assert s.name == "persona_math_dpo" and {"questions", "policy", "judge"} <= set(s.section)
+    path = _write(tmp_path, "name: x\ndpo: {questions: q}\nturnz: []\n")
+    with pytest.raises(RecipeError, match=re.escape(f"{path}: turnz: unknown field (known: description, dpo, name)")):
+        load_section(path, "dpo")
+    with pytest.raises(RecipeError, match=re.escape(f"{path}: captions: missing: the recipe has no captions section")):
+        load_section(_write(tmp_path, "name: x\ndpo: {questions: q}\n"), "captions")
 
 
 def test_ids_and_seeds_are_stable_and_distinct():
