@@ -102,7 +102,7 @@ def test_tool_only_recipes_load_their_section(tmp_path):
     with pytest.raises(RecipeError, match=re.escape(f"{path}: turnz: unknown field (known: description, dpo, name)")):
         load_section(path, "dpo")
     with pytest.raises(RecipeError, match=re.escape(f"{path}: captions: missing: the recipe has no captions section")):
-        load_section(_write(tmp_path, "name: x\ndpo: {questions: q}\n"), "captions")
+        load_section(_write(tmp_path, "name: x\n"), "captions")
 
 
 def test_ids_and_seeds_are_stable_and_distinct():
