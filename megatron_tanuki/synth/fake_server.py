@@ -95,7 +95,9 @@ class Hit:
 
 class FakeServer:
     def __init__(self, *, latency=0.0, faults=None, retry_after=1, model: str = "fake-teacher",
-                 api_key: str | None = None, completion_tokens: int = 8, max_latency_s: float = 30.0):
+                 api_key: str | None = None, completion_tokens: int = 8, max_latency_s: float = 30.0, answer=None):
+        self.answer = answer      # None: answer_for(messages, seed); else fn(n, messages, seed, body) -> text | (text, finish)
+        self.bodies: list[dict] = []
         self.latency, self.faults, self.retry_after = latency, faults, retry_after
         self.model, self.api_key, self.completion_tokens = model, api_key, completion_tokens
         self.max_latency_s = max_latency_s
@@ -236,10 +238,15 @@ class FakeServer:
         tokens = self.completion_tokens(n, body) if callable(self.completion_tokens) else self.completion_tokens
         tokens = min(tokens, int(body.get("max_tokens") or tokens))
         prompt = prompt_tokens_for(messages)
+        self.bodies.append(body)
+        text, finish = answer_for(messages, seed), "stop"
+        if self.answer is not None:
+            got = self.answer(n, messages, seed, body)
+            text, finish = got if isinstance(got, tuple) else (got, "stop")
         return {"id": f"chatcmpl-{request_digest(messages, seed)}", "object": "chat.completion",
                 "created": int(time.time()), "model": self.model,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": answer_for(messages, seed)},
-                             "finish_reason": "stop"}],
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                             "finish_reason": finish}],
                 "usage": {"prompt_tokens": prompt, "completion_tokens": tokens, "total_tokens": prompt + tokens}}
 
     async def _sleep(self, seconds: float) -> None:

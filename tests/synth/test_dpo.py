@@ -37,25 +37,20 @@ def kind_of(text: str) -> str:
 
 
 class ScriptedServer(FakeServer):
-    """FakeServer whose answer (text, finish_reason) is ``script(messages, seed, body)``; every answered
-    request's JSON body is kept in ``bodies``. A script that raises answers "SCRIPT ERROR" and keeps the
-    exception in ``errors`` (a 500 would be retried with backoff: a slow failure)."""
+    """FakeServer whose answer (text, finish_reason) is ``script(messages, seed, body)`` (answered requests'
+    JSON in ``bodies``). A script that raises answers "SCRIPT ERROR" and keeps the exception in ``errors``
+    (a 500 would be retried with backoff: a slow failure)."""
 
     def __init__(self, script, **kw):
-        super().__init__(**kw)
-        self.script, self.bodies, self.errors = script, [], []
+        self.script, self.errors = script, []
+        super().__init__(answer=self._answer, **kw)
 
-    def _completion(self, *args) -> dict:  # (n, messages, seed, body); older FakeServer: (messages, seed, body)
-        messages, seed, body = args[-3:]
-        self.bodies.append(body)
+    def _answer(self, n, messages, seed, body):
         try:
-            text, finish = self.script(messages, seed, body)
+            return self.script(messages, seed, body)
         except Exception as e:  # noqa: BLE001 - reported by the test
             self.errors.append(repr(e))
-            text, finish = "SCRIPT ERROR", "stop"
-        return {"id": "chatcmpl-scripted", "object": "chat.completion", "created": 0, "model": self.model,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}],
-                "usage": {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15}}
+            return "SCRIPT ERROR", "stop"
 
 
 class World:
