@@ -180,6 +180,23 @@ def test_invalid_recipe_names_file_and_field(tmp_path, edit, field, message):
     assert message in str(e.value)
 
 
+def test_hf_dataset_seed_source(tmp_path):
+    """A saved Hugging Face dataset (Nemotron-Personas-Japan, FinePersonas load the same way) as a seed list."""
+    import datasets
+
+    datasets.Dataset.from_dict({"persona": ["漁師", "薬剤師", "棋士"], "w": [1, 2, 3]}).save_to_disk(
+        str(tmp_path / "personas"))
+    text = BASE.replace("builtin:persona_jp, limit: 3", "hf:personas").replace("tasks.jsonl, weight_field: w",
+                                                                                 "hf:personas, field: persona")
+    r = load_recipe(_write(tmp_path, text))
+    assert r.seeds[0].values == ["漁師", "薬剤師", "棋士"] and r.seeds[1].values == ["漁師", "薬剤師", "棋士"]
+    assert r.seeds[0].source == "hf:personas"
+    (tmp_path / "nope").mkdir()  # a folder that is not a saved dataset (no hub lookup in tests)
+    with pytest.raises(RecipeError, match=re.escape(f"{tmp_path / 'recipe.yaml'}: seeds.persona.source: hf:nope: "
+                                                    "cannot load")):
+        load_recipe(_write(tmp_path, text.replace("hf:personas}", "hf:nope}", 1)))
+
+
 def test_bad_seed_line_and_missing_field_are_named(tmp_path):
     (tmp_path / "tasks.jsonl").write_text('{"task": "a", "w": 1}\n{"task": \n', encoding="utf-8")
     path = _write(tmp_path, BASE)

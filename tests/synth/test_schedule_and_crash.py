@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -79,6 +80,39 @@ def test_faults_every_conversation_completes_once_retries_counted(tmp_path):
         r = recs[0]
         assert r["messages"][0]["content"] == answer_for(
             [{"role": "user", "content": f"{r['persona']}: {r['task']}"}], r_seed(recipe, r, "q1"))
+
+
+def test_rejects_progress_line_and_efficiency(tmp_path, capsys):
+    """A teacher that keeps answering one conversation's A1 with nothing: retried with new seeds, then
+    that conversation is in rejects/ with every reason; the progress line and the summary's
+    efficiency against a given ceiling."""
+    recipe = load_recipe(recipe_file(tmp_path, 12))
+    bad = recipe.conversation_id(5)
+
+    def answer(n, messages, seed, body):
+        asked_a1 = len(messages) == 1 and not messages[0]["content"].count(": ")
+        return ("", "stop") if asked_a1 and bad_q1[0] == messages[0]["content"] else answer_for(messages, seed)
+
+    bad_q1 = [None]
+    from megatron_tanuki.synth.conversation import Conversation
+
+    c = Conversation(recipe, 5)
+    bad_q1[0] = answer_for(c.request().messages, c.request().seed)  # slot 5's Q1 text
+    with FakeServer(answer=answer) as srv:
+        with OpenAIBackend([srv.url], concurrency=4) as backend:
+            store = Store(str(tmp_path / "out"), recipe)
+            s = run(recipe, store, backend, RunOptions(progress=True, progress_every_s=0.0, ceiling_tps=1000.0))
+            store.close()
+    assert s["completed"] == 11 and s["rejected"] == 1 and s["retried_turns"] == recipe.retries
+    assert s["retry_reasons"] == {"empty answer": recipe.retries + 1}
+    assert s["efficiency"] == round(s["tokens_per_s"] / 1000.0, 4) and s["ceiling_tokens_per_s"] == 1000.0
+    rej = whole_records(tmp_path / "out" / "rejects" / "shard-00000-of-00001.jsonl")
+    assert [(r["id"], r["turn"], r["reason"], r["attempts"]) for r in rej] == [
+        (bad, "a1", "empty answer", recipe.retries + 1)]
+    assert rej[0]["messages"] == [{"role": "user", "content": bad_q1[0]}]
+    err = capsys.readouterr().err
+    assert re.search(r"\[synth\] \d+/12 conversations \| \d+ turns in flight \| tok/s q1 \d+", err), err[-500:]
+    assert "ETA" in err and "rejects" in err
 
 
 def r_seed(recipe, rec, turn):

@@ -137,6 +137,18 @@ def test_shards_merge_into_the_unsharded_run(work):
     assert not (work / "merged2").exists() and not [p for p in os.listdir(work) if p.startswith("merged2")]
 
 
+def test_two_pipeline_ranks_schedule_alike_and_match_one_rank(work):
+    """PP=2 over 2 gloo ranks: both ranks run the scheduler, rank 0 writes; the texts equal the
+    one-rank run's (pipeline stages change no arithmetic)."""
+    r = tanuki(work, "synth", "run", "tiny.yaml", "--out", "pp2", "--ckpt", "ck", "--pp", "2", "--limit", "6", *SMALL)
+    assert r.returncode == 0, r.stderr
+    assert "6 conversation(s) written" in r.stdout
+    recs = records(work / "pp2" / "data" / "shard-00000-of-00001.jsonl")
+    one = texts(records(work / "out" / "data" / "shard-00000-of-00001.jsonl"))
+    assert sorted(x["index"] for x in recs) == list(range(6))
+    assert texts(recs) == {k: one[k] for k in texts(recs)}
+
+
 def test_torn_line_is_repaired_and_another_recipe_is_refused(work):
     r = tanuki(work, "synth", "run", "tiny.yaml", "--out", "torn", "--ckpt", "ck", "--limit", "5", *SMALL)
     assert r.returncode == 0, r.stderr
