@@ -39,7 +39,7 @@ def main(argv=None) -> int:
         n = args.conversations or (48 if kind == "engine" else 192)
         conc = args.concurrency or (16 if kind == "engine" else 64)
         tokens = args.max_tokens or (16 if kind == "engine" else 512)
-        recipe = bench.recipe_for_bench(tokens)
+        recipe = bench.recipe_for_bench(tokens, count=n)
         if kind == "engine":
             backend = bench.engine_backend_for_bench(args.shape, batch=conc, max_len=1024)
             r = bench.compare(recipe, backend, n, args.batch)
