@@ -22,13 +22,6 @@ prompt longer than the context) is rejected at once, naming the file: asking aga
                            (vlm_stage2, `v1`); only the first human turn carries "<image>"
     OUT/summary.json
 
-Two files, because the stages train different things: stage 1 aligns the projector on one caption
-per image (the `plain` template keeps only the image and the caption), stage 2 teaches dialogue.
-With ``seq_length`` (the training's data.seq_length) every record is built by our own SampleBuilder
-first: a stage-2 conversation that does not fit becomes several records of the same image, an answer
-too long on its own is left out and counted (training would skip such a record as bad, and stop
-past data.max_bad_records).
-
 Crash safety: an answer is done once its line is in answers.jsonl or rejects.jsonl (a torn last line
 is cut first); a rerun asks only the rest (remove rejects.jsonl to ask those again). An answer's id
 covers the image, the question's name and what decides its text (prompt, sampling, stop, model,
@@ -36,199 +29,24 @@ chat), so editing one question redoes only it. The LLaVA files are rebuilt from 
 once nothing is left to ask (temp + rename): a killed run never leaves a half-written or partial
 dataset. Image paths in them are relative to the image folder (the images folder, or the JSONL's
 folder): set `data.image_folder` to it.
+
+Where things are: captions_spec.py reads the recipe's captions: section and the image list (all
+checked before a model loads); llava.py writes the LLaVA files; this module asks.
 """
 from __future__ import annotations
 
 import collections
-import hashlib
 import json
 import os
 import sys
 import time
 from dataclasses import dataclass, field
 
-
 from megatron_tanuki.synth.backend import TurnRequest
-from megatron_tanuki.synth.recipe import Reader, load_section, read_sampling, turn_seed
-
-IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp")
-IMAGE_MARK = "<image>"
-CAPTION_KEYS = {"images", "model", "questions", "sampling", "stop", "retries", "allow_truncated", "stage1", "out",
-                "seq_length"}
-MODEL_KEYS = {"name", "ckpt", "chat"}
-QUESTION_KEYS = {"name", "prompt", "category", "sampling", "stop", "allow_truncated"}
-DEFAULT_SAMPLING = {"temperature": 0.7, "top_p": 1.0, "max_tokens": 512}
-ANSWERS, REJECTS, STAGE1, STAGE2, SUMMARY = ("answers.jsonl", "rejects.jsonl", "llava_stage1.json",
-                                             "llava_stage2.json", "summary.json")
-
-
-# -------------------------------------------------------------------------- the recipe
-
-@dataclass
-class Question:
-    name: str
-    prompt: str
-    category: str
-    sampling: dict                # temperature, top_p, max_tokens
-    stop: tuple[str, ...]
-    allow_truncated: bool
-    hash: str = ""                # what decides the answer's text (prompt, sampling, stop, model, chat)
-
-
-@dataclass
-class CaptionRecipe:
-    name: str
-    path: str
-    text: str
-    images: str | None            # the recipe's image source (relative to the working directory)
-    out: str | None
-    model: str                    # recorded with every answer; part of each question's hash
-    ckpt: str | None
-    chat: str | None              # None: the checkpoint's default (llava-v1 for Tanuki-vision)
-    questions: list[Question]
-    retries: int
-    stage1: str                   # the question whose answers make the stage-1 file
-    seq_length: int | None = None  # the training's data.seq_length: every record is made to fit it
-
-
-def load_captions(path: str) -> CaptionRecipe:
-    """The ``captions:`` section of a recipe, checked; errors name the file and ``captions.<field>``.
-
-    A full synth recipe (teacher, seeds, turns) is read by the synth recipe loader first; a recipe
-    that only makes captions holds ``name``, ``description`` and ``captions``."""
-    recipe = load_section(path, "captions")
-    r, name, section = Reader(recipe.path), recipe.name, recipe.section
-    c = r.mapping(section, "captions", CAPTION_KEYS, required=("questions",))
-    model = r.mapping(c.get("model") or {}, "captions.model", MODEL_KEYS)
-    ckpt = r.string(model["ckpt"], "captions.model.ckpt") if model.get("ckpt") is not None else None
-    chat = _chat(r, model.get("chat"))
-    model_name = r.string(model["name"], "captions.model.name") if model.get("name") is not None else \
-        os.path.basename(os.path.normpath(ckpt)) if ckpt else "vlm"
-    defaults = read_sampling(r, c.get("sampling") or {}, "captions.sampling", DEFAULT_SAMPLING)
-    stop = r.strings(c.get("stop"), "captions.stop")
-    allow = _flag(r, c.get("allow_truncated", False), "captions.allow_truncated")
-    retries = c.get("retries", 3)
-    if not isinstance(retries, int) or isinstance(retries, bool) or retries < 0:
-        raise r.error("captions.retries", f"{retries!r}: an integer >= 0")
-    questions = _questions(r, c["questions"], defaults, stop, allow)
-    for q in questions:
-        identity = {"prompt": q.prompt, "sampling": q.sampling, "stop": q.stop, "model": model_name, "chat": chat}
-        q.hash = _digest(json.dumps(identity, sort_keys=True, ensure_ascii=False))
-    stage1 = c.get("stage1", questions[0].name)
-    if stage1 not in [q.name for q in questions]:
-        raise r.error("captions.stage1", f"{stage1!r}: the name of one of captions.questions")
-    images = r.string(c["images"], "captions.images") if c.get("images") is not None else None
-    out = r.string(c["out"], "captions.out") if c.get("out") is not None else None
-    seq = c.get("seq_length")
-    if seq is not None and (not isinstance(seq, int) or isinstance(seq, bool) or seq < 2):
-        raise r.error("captions.seq_length", f"{seq!r}: the training's data.seq_length, an integer")
-    return CaptionRecipe(name=name, path=os.path.abspath(path), text=recipe.text, images=images, out=out, model=model_name,
-                         ckpt=ckpt, chat=chat, questions=questions, retries=retries, stage1=stage1, seq_length=seq)
-
-
-def _chat(r: Reader, value) -> str | None:
-    if value is None:
-        return None
-    from megatron_tanuki.data import templates
-
-    name = r.string(value, "captions.model.chat")
-    try:
-        template = templates.get(name)
-    except ValueError as e:
-        raise r.error("captions.model.chat", str(e)) from None
-    if not template.images:
-        raise r.error("captions.model.chat", f"the {name} template has no image position (use llava-v1 or plain)")
-    return name
-
-
-def _flag(r: Reader, value, where: str) -> bool:
-    if not isinstance(value, bool):
-        raise r.error(where, f"{value!r}: true or false")
-    return value
-
-
-def _questions(r: Reader, value, defaults: dict, stop: tuple, allow: bool) -> list[Question]:
-    if not isinstance(value, list) or not value:
-        raise r.error("captions.questions", "a non-empty list of {name, prompt, category?, sampling?}")
-    out = []
-    for i, spec in enumerate(value):
-        where = f"captions.questions[{i}]"
-        d = r.mapping(spec, where, QUESTION_KEYS, required=("name", "prompt"))
-        name = r.string(d["name"], f"{where}.name")
-        if not name.isidentifier() or name in [q.name for q in out]:
-            raise r.error(f"{where}.name", f"{name!r}: an identifier no earlier question uses")
-        prompt = r.string(d["prompt"], f"{where}.prompt").strip()
-        if IMAGE_MARK in prompt:
-            raise r.error(f"{where}.prompt", f"leave out {IMAGE_MARK}: the image is placed before the question")
-        category = r.string(d.get("category", name), f"{where}.category")
-        out.append(Question(name=name, prompt=prompt, category=category,
-                            sampling=read_sampling(r, d.get("sampling") or {}, f"{where}.sampling", defaults),
-                            stop=tuple(dict.fromkeys(stop + r.strings(d.get("stop"), f"{where}.stop"))),
-                            allow_truncated=_flag(r, d.get("allow_truncated", allow), f"{where}.allow_truncated")))
-    return out
-
-
-def _digest(text: str) -> str:
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-# -------------------------------------------------------------------------- the images
-
-@dataclass
-class Image:
-    id: str                       # the LLaVA record's id (unique)
-    image: str                    # as the LLaVA files write it: relative to the image folder
-    path: str                     # the file
-
-
-def list_images(source: str) -> tuple[str, list[Image]]:
-    """(image folder, images): a folder -> every .jpg/.jpeg/.png/.webp under it, recursively, sorted
-    by relative path; a JSONL -> one ``{"image": PATH, "id"?: ...}`` a line, PATH relative to the
-    JSONL's folder (or absolute)."""
-    if os.path.isdir(source):
-        folder = os.path.abspath(source)
-        found = []
-        for root, dirs, files in os.walk(folder):
-            dirs.sort()
-            found += [os.path.relpath(os.path.join(root, f), folder).replace(os.sep, "/") for f in files
-                      if f.lower().endswith(IMAGE_EXTS)]
-        images = [Image(rel, rel, os.path.join(folder, rel)) for rel in sorted(found)]
-    elif os.path.isfile(source):
-        folder = os.path.dirname(os.path.abspath(source))
-        images = _jsonl_images(source, folder)
-    else:
-        raise FileNotFoundError(2, "images: no such folder or JSONL file", source)
-    if not images:
-        raise ValueError(f"{source}: no images ({', '.join(IMAGE_EXTS)} files or JSONL lines with \"image\")")
-    return folder, images
-
-
-def _jsonl_images(path: str, folder: str) -> list[Image]:
-    images, seen = [], {}
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{n}"
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{where}: not a JSON line ({e.msg})") from None
-            if not isinstance(rec, dict) or not isinstance(rec.get("image"), str) or not rec["image"]:
-                raise ValueError(f"{where}: needs an \"image\" field (a file path)")
-            rid = rec.get("id", rec["image"])
-            if not isinstance(rid, (str, int)) or isinstance(rid, bool):
-                raise ValueError(f"{where}: \"id\" must be a string or an integer")
-            rid = str(rid)
-            if rid in seen:
-                raise ValueError(f"{where}: id {rid!r} again (first on line {seen[rid]})")
-            seen[rid] = n
-            images.append(Image(rid, rec["image"], os.path.join(folder, rec["image"])))
-    return images
-
-
-def answer_id(image: Image, q: Question) -> str:
-    return _digest(f"{image.id}\0{q.name}\0{q.hash}")
+from megatron_tanuki.synth.captions_spec import (ANSWERS, IMAGE_MARK, REJECTS, STAGE1, STAGE2, SUMMARY, Image, Plan,
+                                                 Question, answer_id, list_images, load_captions, write_atomic)
+from megatron_tanuki.synth.llava import assemble
+from megatron_tanuki.synth.recipe import turn_seed
 
 
 # -------------------------------------------------------------------------- the job
@@ -252,17 +70,6 @@ class CaptionJob:
     progress: bool | None = None
     grace_s: float = 120.0        # after SIGTERM/SIGUSR1: time the answers in flight get
     nproc: int | None = None
-
-
-@dataclass
-class Plan:
-    recipe: CaptionRecipe
-    out: str
-    ckpt: str
-    folder: str
-    images: list[Image]
-    tokenizer: str | None = None
-    work: list[tuple[str, Image, Question]] = field(default_factory=list)   # (answer id, image, question)
 
 
 def plan(job: CaptionJob) -> Plan:
@@ -326,7 +133,7 @@ def captions_rank(job: CaptionJob) -> dict:
     output = None
     try:
         if rank0:
-            _write_atomic(os.path.join(p.out, "recipe.yaml"), p.recipe.text)
+            write_atomic(os.path.join(p.out, "recipe.yaml"), p.recipe.text)
         box = [done_ids(p.out, repair=True) if rank0 else None]
         if dist.get_world_size() > 1:
             dist.broadcast_object_list(box, src=0)   # one view of what is done, before anyone appends
@@ -509,91 +316,7 @@ def _now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
-# -------------------------------------------------------------------------- the LLaVA files
-
-def assemble(p: Plan) -> dict:
-    """Both LLaVA files from the answer lines (only answers of this recipe's questions as they are
-    now, for these images, in image then question order). Returns the counts."""
-    from megatron_tanuki.synth.store import iter_records
-
-    wanted = {w[0] for w in p.work}
-    answers = {}
-    path = os.path.join(p.out, ANSWERS)
-    if os.path.exists(path):
-        answers = {rec["id"]: rec["answer"] for _, rec in iter_records(path) if rec.get("id") in wanted}
-    fits = _fitter(p) if p.recipe.seq_length else (lambda stage, rec: True)
-    first = next(q for q in p.recipe.questions if q.name == p.recipe.stage1)
-    stage1, stage2, counts = [], [], collections.Counter()
-    for im in p.images:
-        turns = [(q, answers[aid]) for q in p.recipe.questions if (aid := answer_id(im, q)) in answers]
-        stage2 += [_record(im, chunk, k) for k, chunk in enumerate(_split(im, turns, fits, counts))]
-        caption = answers.get(answer_id(im, first))
-        if caption is not None:
-            rec = _record(im, [(first, caption)], 0)
-            if fits(1, rec):
-                stage1.append(rec)
-            else:
-                counts["stage1_over_long"] += 1
-    for name, data in ((STAGE1, stage1), (STAGE2, stage2)):
-        _write_atomic(os.path.join(p.out, name), json.dumps(data, ensure_ascii=False) + "\n")
-    return {"stage1_records": len(stage1), "stage2_records": len(stage2),
-            "stage2_turns": sum(len(r["conversations"]) // 2 for r in stage2), "seq_length": p.recipe.seq_length,
-            **{k: counts[k] for k in ("stage1_over_long", "stage2_over_long_turns", "stage2_split_images")}}
-
-
-def _record(im: Image, turns: list, part: int) -> dict:
-    conv = []
-    for k, (q, text) in enumerate(turns):
-        conv += [{"from": "human", "value": (IMAGE_MARK + "\n" if k == 0 else "") + q.prompt},
-                 {"from": "gpt", "value": text}]
-    return {"id": im.id if part == 0 else f"{im.id}#{part + 1}", "image": im.image, "conversations": conv}
-
-
-def _split(im: Image, turns: list, fits, counts) -> list[list]:
-    """An image's turns as conversations that fit: one when they do (the usual case); else in order,
-    a new record of the same image when the next turn would not fit; a turn too long on its own is
-    left out (counted)."""
-    if not turns or fits(2, _record(im, turns, 0)):
-        return [turns] if turns else []
-    chunks, cur = [], []
-    for t in turns:
-        if fits(2, _record(im, cur + [t], 0)):
-            cur.append(t)
-            continue
-        if cur:
-            chunks.append(cur)
-        cur = [t] if fits(2, _record(im, [t], 0)) else []
-        counts["stage2_over_long_turns"] += not cur
-    chunks += [cur] if cur else []
-    counts["stage2_split_images"] += len(chunks) > 1
-    return chunks
-
-
-def _fitter(p: Plan):
-    """fits(stage, record): `tanuki train` builds the record within seq_length -- asked of our own
-    SampleBuilder, with the templates vlm_stage1 / vlm_stage2 use (plain, v1) and the model's image
-    positions."""
-    from megatron_tanuki.data.samples import SampleBuilder, SampleError
-    from megatron_tanuki.data.tokenizer import load_tokenizer
-    from megatron_tanuki.inference.generate import checkpoint_tokenizer
-    from megatron_tanuki.models.checkpoint_meta import read_meta, resolve
-
-    positions = read_meta(resolve(p.ckpt)).config.num_image_tokens
-    tok = load_tokenizer(p.tokenizer or checkpoint_tokenizer(p.ckpt))
-    builders = {stage: SampleBuilder("llava", template, tok, p.recipe.seq_length, p.folder, positions)
-                for stage, template in ((1, "plain"), (2, "v1"))}
-
-    def fits(stage: int, rec: dict) -> bool:
-        try:
-            builders[stage](rec, f"{p.out}: image {rec['id']!r}")
-        except SampleError as e:
-            if e.kind != "over-long sample":
-                raise
-            return False
-        return True
-
-    return fits
-
+# -------------------------------------------------------------------------- the summary
 
 def _finish(p: Plan, stats: _Stats, loaded: bool, write: bool = True) -> dict:
     el = stats.elapsed()
@@ -613,15 +336,5 @@ def _finish(p: Plan, stats: _Stats, loaded: bool, write: bool = True) -> dict:
     if not left:
         summary.update(assemble(p), stage1=os.path.abspath(os.path.join(p.out, STAGE1)),
                        stage2=os.path.abspath(os.path.join(p.out, STAGE2)))
-    _write_atomic(os.path.join(p.out, SUMMARY), json.dumps(summary, ensure_ascii=False, indent=1) + "\n")
+    write_atomic(os.path.join(p.out, SUMMARY), json.dumps(summary, ensure_ascii=False, indent=1) + "\n")
     return summary
-
-
-def _write_atomic(path: str, text: str) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)

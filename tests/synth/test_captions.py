@@ -18,7 +18,8 @@ import shutil
 import pytest
 import torch
 
-from megatron_tanuki.synth.captions import ANSWERS, REJECTS, STAGE1, STAGE2, run_captions
+from megatron_tanuki.synth.captions import run_captions
+from megatron_tanuki.synth.captions_spec import ANSWERS, REJECTS, STAGE1, STAGE2
 
 QUESTIONS = [("describe", "この画像を詳しく説明してください。", 6),
              ("count", "円はいくつありますか。", 3),
@@ -213,7 +214,7 @@ def test_an_unknown_field_fails_naming_the_file_and_field(tmp_path, old, new, fi
 
 
 def test_the_shipped_recipe_loads():
-    from megatron_tanuki.synth.captions import load_captions
+    from megatron_tanuki.synth.captions_spec import load_captions
 
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     r = load_captions(os.path.join(root, "examples", "synth_captions_tanuki_vision.yaml"))

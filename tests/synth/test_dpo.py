@@ -17,7 +17,8 @@ import threading
 
 import pytest
 
-from megatron_tanuki.synth.dpo import load_dpo, run_dpo
+from megatron_tanuki.synth.dpo import run_dpo
+from megatron_tanuki.synth.dpo_spec import load_dpo
 from megatron_tanuki.synth.fake_server import FakeServer
 
 # question kind -> how many questions of it
