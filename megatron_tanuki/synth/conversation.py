@@ -5,6 +5,11 @@ answer arrives (no stage barrier). An answer that breaks its turn's rule -- empt
 max_tokens, missing the required pattern, emptied by a cleanup rule, a backend error -- is asked
 again with a new derived seed, up to ``retries`` times; then the conversation is rejected with the
 reason. Never silently dropped, never silently kept.
+
+A teacher that *fails* (connection refused, HTTP errors after the backend's own retries, a wrong model
+name) says nothing about the conversation: it is ABANDONed -- neither written nor rejected, so a rerun
+does it -- and the scheduler decides whether the teacher is down. Only a request the engine refuses
+outright (a prompt longer than the context) is rejected at once: it would fail the same way again.
 """
 from __future__ import annotations
 
@@ -13,7 +18,7 @@ import time
 from megatron_tanuki.synth.backend import TurnRequest, TurnResult
 from megatron_tanuki.synth.recipe import Recipe, Turn, conversation_seed, render, turn_seed
 
-DONE, NEXT, RETRY, REJECT = "done", "next", "retry", "reject"
+DONE, NEXT, RETRY, REJECT, ABANDON = "done", "next", "retry", "reject", "abandon"
 
 
 class Conversation:
@@ -47,13 +52,16 @@ class Conversation:
 
     def accept(self, result: TurnResult) -> str:
         """Take the answer to :meth:`request`; DONE / NEXT (ask :meth:`request` again) / RETRY (same)
-        / REJECT (``reject_reason`` says why)."""
+        / REJECT (``reject_reason`` says why) / ABANDON (the teacher failed: leave it for the rerun)."""
         self.tokens["prompt"] += result.prompt_tokens
         self.tokens["completion"] += result.completion_tokens
         text, why = self._check(self.current, result)
         if why is not None:
             self.failures.append(why)
-            if self.attempt >= self.recipe.retries:
+            if result.finish_reason == "error" and result.error_kind != "request":
+                self.reject_reason = why
+                return ABANDON
+            if self.attempt >= self.recipe.retries or result.finish_reason == "error":
                 self.reject_reason = why
                 return REJECT
             self.attempt += 1

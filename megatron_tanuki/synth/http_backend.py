@@ -391,6 +391,7 @@ class OpenAIBackend:
             text = choice["message"].get("content") or ""
             if not isinstance(text, str):
                 raise TypeError(f"message.content is {type(text).__name__}")
+            text = text.encode("utf-8", "replace").decode("utf-8")  # a lone surrogate cannot be written as UTF-8
             usage = body.get("usage") or {}
             return TurnResult(key, text=text, finish_reason=choice.get("finish_reason") or "stop",
                               prompt_tokens=int(usage.get("prompt_tokens") or 0),

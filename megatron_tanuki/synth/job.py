@@ -75,9 +75,36 @@ def run(job: SynthJob):
     recipe = check_job(job)
     if job.backend == "openai":
         return [_run_openai(job, recipe)]
-    from megatron_tanuki.runtime.spawn import run_job
+    from megatron_tanuki.runtime.spawn import launcher_rank, run_job
 
-    return run_job(engine_rank, job, job.tp * job.pp * job.ep)
+    nproc = job.tp * job.pp * job.ep
+    if launcher_rank() is not None or nproc == 1:
+        return run_job(engine_rank, job, nproc)
+    previous = _forward_stop_signals()  # ranks started here: they get the signal, this process waits for them
+    try:
+        return run_job(engine_rank, job, nproc)
+    finally:
+        _restore(previous)
+
+
+def _forward_stop_signals() -> dict:
+    """SIGTERM / SIGUSR1 to this process (scancel, a time limit) go on to the local ranks, which stop
+    the way a rank under srun does (no new conversations, --grace, return); this process then
+    returns their results and exits 0."""
+    import multiprocessing
+    import signal
+
+    def forward(sig, _frame):
+        for child in multiprocessing.active_children():
+            try:
+                os.kill(child.pid, sig)
+            except ProcessLookupError:
+                pass
+
+    previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)}
+    for s in previous:
+        signal.signal(s, forward)
+    return previous
 
 
 def _options(job: SynthJob) -> RunOptions:
@@ -93,10 +120,12 @@ def _run_openai(job: SynthJob, recipe) -> dict:
                             concurrency=job.concurrency)
     stop = StopFlag()
     previous = stop.install()
+    store = Store(job.out, recipe, parse_shard(job.shard))
     try:
-        return run_schedule(recipe, Store(job.out, recipe, parse_shard(job.shard)), backend, _options(job), stop)
+        return run_schedule(recipe, store, backend, _options(job), stop)
     finally:
         backend.close()
+        store.close()
         _restore(previous)
 
 
@@ -104,25 +133,22 @@ def engine_rank(job: SynthJob) -> dict:
     """One rank of an engine-backed run; every rank schedules alike, rank 0 writes."""
     import torch.distributed as dist
 
-    from megatron_tanuki.data import templates
-    from megatron_tanuki.data.tokenizer import load_tokenizer
-    from megatron_tanuki.inference.engine import Engine, EngineOptions
-    from megatron_tanuki.inference.generate import checkpoint_tokenizer, load_model
-    from megatron_tanuki.models import registry
-    from megatron_tanuki.synth.engine_backend import EngineBackend
-
-    recipe = load_recipe(job.recipe)
-    backend = engine_backend(job, recipe.teacher.chat, recipe.teacher.system is not None, where=recipe.path)
-    rank0 = dist.get_rank() == 0
-    stop = StopFlag()
+    stop = StopFlag()  # first: a signal while the model loads stops the run once it starts (not the process)
     previous = stop.install()
+    recipe = load_recipe(job.recipe)
+    backend = store = None
     try:
+        backend = engine_backend(job, recipe.teacher.chat, recipe.teacher.system is not None, where=recipe.path)
+        rank0 = dist.get_rank() == 0
         store = Store(job.out, recipe, parse_shard(job.shard), writes=rank0, share=_broadcast)
         return run_schedule(recipe, store, backend,
                             _options(job) if rank0 else RunOptions(**{**_options(job).__dict__, "progress": False}),
                             stop, log=print if rank0 else (lambda *_: None))
     finally:
-        backend.close()
+        if backend is not None:
+            backend.close()
+        if store is not None:
+            store.close()
         _restore(previous)
 
 

@@ -29,6 +29,9 @@ ASSETS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))
 ROLES = ("user", "assistant")
 FLAGS = {"DOTALL": re.DOTALL, "MULTILINE": re.MULTILINE, "IGNORECASE": re.IGNORECASE}
 SAMPLING_KEYS = ("temperature", "top_p", "max_tokens")
+# fields of the data and reject records: a seed variable of the same name would overwrite them
+RESERVED = {"id", "index", "messages", "teacher", "recipe", "sampling", "seed", "finish_reasons", "created", "turn",
+            "reason", "attempts", "failures"}
 
 
 class RecipeError(ValueError):
@@ -183,7 +186,11 @@ def parse_recipe(data, path: str, text: str = "") -> Recipe:
     from megatron_tanuki.synth.filters import FilterConfig
 
     FilterConfig.from_dict(d.get("filters"), path)  # a bad filters: section fails now, not after the run
-    identity = {"name": name, "teacher": d["teacher"], "seeds": d["seeds"], "combine": combine,
+    # the values themselves, not only where they come from: an edited seed file is another recipe
+    seed_values = hashlib.sha256(json.dumps([[s.values, s.cum_weights] for s in seeds], ensure_ascii=False)
+                                 .encode()).hexdigest()
+    identity = {"name": name, "teacher": d["teacher"], "seeds": d["seeds"], "seed_values": seed_values,
+                "combine": combine,
                 "sampling": d.get("sampling", {}), "retries": retries, "turns": d["turns"]}
     digest = hashlib.sha256(json.dumps(identity, sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:16]
     return Recipe(name=name, path=os.path.abspath(path), count=count, teacher=teacher, seeds=seeds, combine=combine,
@@ -292,10 +299,16 @@ def _seeds(r: Reader, value, base: str, combine: str) -> list[SeedList]:
         where = f"seeds.{name}"
         if not isinstance(name, str) or not name.isidentifier():
             raise r.error(where, "a variable name must be an identifier")
+        if name in RESERVED:
+            raise r.error(where, f"{name!r} is a field of every record ({', '.join(sorted(RESERVED))}); "
+                          "name the variable otherwise")
         d = r.mapping(spec, where, SEED_KEYS, required=("source",))
         source = r.string(d["source"], f"{where}.source")
         fld = r.string(d.get("field", name), f"{where}.field")
         weight_field = d.get("weight_field")
+        limit = d.get("limit")
+        if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 1):
+            raise r.error(f"{where}.limit", f"{limit!r}: a positive integer (the first N rows)")
         if weight_field is not None and combine != "sampled":
             raise r.error(f"{where}.weight_field", "weights apply to combine: sampled")
         rows = _rows(r, source, f"{where}.source", base)
@@ -309,7 +322,7 @@ def _seeds(r: Reader, value, base: str, combine: str) -> list[SeedList]:
                 if not isinstance(w, (int, float)) or isinstance(w, bool) or w < 0:
                     raise r.error(f"{where}.weight_field", f"{origin}: {weight_field!r} must be a number >= 0")
                 weights.append(float(w))
-            if d.get("limit") is not None and len(values) >= int(d["limit"]):
+            if limit is not None and len(values) >= limit:
                 break
         if not values:
             raise r.error(f"{where}.source", f"{source}: no rows")
@@ -431,10 +444,14 @@ def _turns(r: Reader, value, seed_names: list[str], defaults: dict) -> list[Turn
 
 def _check_template(r: Reader, text: str, where: str, defined: list[str]) -> None:
     try:
-        fields = [f for _, f, _, _ in string.Formatter().parse(text) if f is not None]
+        parsed = [(f, spec, conv) for _, f, spec, conv in string.Formatter().parse(text) if f is not None]
     except ValueError as e:
         raise r.error(where, f"not a valid template ({e}); write a literal brace as {{{{ or }}}}") from None
-    for f in fields:
+    for f, spec, conv in parsed:
+        if spec or conv:
+            raise r.error(where, f"{{{f}{'!' + conv if conv else ''}{':' + spec if spec else ''}}}: a template "
+                          "variable takes no conversion or format spec (the text is put in as it is)")
+    for f, _, _ in parsed:
         if not f.isidentifier():
             raise r.error(where, f"{{{f}}}: a template variable must be a plain name")
         if f not in defined:

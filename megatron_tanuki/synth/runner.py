@@ -24,7 +24,7 @@ import sys
 import time
 from dataclasses import dataclass
 
-from megatron_tanuki.synth.conversation import DONE, REJECT, Conversation
+from megatron_tanuki.synth.conversation import ABANDON, DONE, REJECT, Conversation
 from megatron_tanuki.synth.store import Store, in_shard
 
 
@@ -36,6 +36,15 @@ class RunOptions:
     progress_every_s: float = 10.0
     ceiling_tps: float | None = None  # the backend's tokens/s at saturation (bench_generate), for efficiency
     grace_s: float = 120.0            # after SIGTERM/SIGUSR1: time the running conversations get
+    max_error_streak: int = 64        # teacher failures in a row (after the backend's own retries) = it is down
+
+
+# the teacher is misconfigured, not busy: no point asking again (HTTP 401/403/404, no model listed)
+FATAL_KINDS = {"http_401", "http_403", "http_404", "no_model"}
+
+
+class TeacherDown(RuntimeError):
+    """The run stopped because the teacher keeps failing; what is written is kept, a rerun continues."""
 
 
 class StopFlag:
@@ -63,7 +72,7 @@ class Stats:
     def __init__(self, target: int, skipped: int):
         self.t0 = time.monotonic()
         self.target, self.skipped = target, skipped
-        self.done = self.rejected = self.retried = 0
+        self.done = self.rejected = self.retried = self.failed = 0   # failed: teacher errors (left for a rerun)
         self.turns = collections.Counter()           # answers accepted per turn
         self.tokens = collections.Counter()          # completion tokens per turn
         self.prompt_tokens = 0
@@ -92,6 +101,7 @@ def run(recipe, store: Store, backend, opts: RunOptions | None = None, stop: Sto
     pending: dict[str, Conversation] = {}
     ready: collections.deque[Conversation] = collections.deque()
     exhausted = stopping = expired = stop_logged = False
+    streak = 0
     agree = getattr(backend, "agree", lambda *flags: flags)  # multi-rank engines reduce the flags
     try:
         while True:
@@ -119,6 +129,17 @@ def run(recipe, store: Store, backend, opts: RunOptions | None = None, stop: Sto
                 outcome = conv.accept(res)
                 stats.prompt_tokens += res.prompt_tokens
                 stats.tokens[turn] += res.completion_tokens
+                if outcome == ABANDON:  # the teacher failed, not the answer: the rerun does it again
+                    stats.failed += 1
+                    streak += 1
+                    if res.error_kind in FATAL_KINDS or streak >= opts.max_error_streak:
+                        raise TeacherDown(
+                            f"the teacher failed {streak} request(s) in a row"
+                            f"{' (a configuration error: no use retrying)' if res.error_kind in FATAL_KINDS else ''}"
+                            f"; last: {conv.reject_reason}. {stats.done} conversation(s) were written this run and "
+                            "are kept; the same command continues once the teacher answers")
+                    continue
+                streak = 0
                 if outcome == DONE:
                     stats.turns[turn] += 1
                     stats.done += 1
@@ -145,9 +166,13 @@ def run(recipe, store: Store, backend, opts: RunOptions | None = None, stop: Sto
             if expired:
                 break
             progress.tick(len(pending))
+    except TeacherDown as e:
+        store.write_summary({**_summary(stats, backend, opts, abandoned=len(pending) + len(ready) + stats.failed,
+                                        stopped=True), "error": str(e)})
+        raise
     finally:
         progress.close()
-    summary = _summary(stats, backend, opts, abandoned=len(pending) + len(ready), stopped=stopping)
+    summary = _summary(stats, backend, opts, abandoned=len(pending) + len(ready) + stats.failed, stopped=stopping)
     store.write_summary(summary)
     return summary
 
@@ -186,10 +211,11 @@ def line(stats: Stats, backend, in_flight: int) -> str:
     eta = f"{remaining / rate:.0f} s" if rate > 0 else "?"
     per_turn = " ".join(f"{t} {n / el:.0f}" for t, n in s.tokens.items())
     b = backend.stats()
-    errors = " ".join(f"{k} {v}" for k, v in sorted({**b.retries, **b.errors}.items())) or "none"
+    retried = " ".join(f"{k} {v}" for k, v in sorted(b.retries.items())) or "none"
+    failed = " ".join(f"{k} {v}" for k, v in sorted(b.errors.items())) or "none"
     return (f"[synth] {s.skipped + finished}/{s.target} conversations | {in_flight} turns in flight | "
-            f"tok/s {per_turn or '-'} | rejects {s.rejected} retries {s.retried} | backend errors {errors} | "
-            f"ETA {eta}")
+            f"tok/s {per_turn or '-'} | rejects {s.rejected} retried turns {s.retried} | teacher retried {retried}, "
+            f"failed {failed} | ETA {eta}")
 
 
 def _summary(stats: Stats, backend, opts: RunOptions, abandoned: int, stopped: bool) -> dict:
@@ -198,6 +224,7 @@ def _summary(stats: Stats, backend, opts: RunOptions, abandoned: int, stopped: b
     b = backend.stats()
     out = {"target": stats.target, "skipped": stats.skipped, "completed": stats.done, "rejected": stats.rejected,
            "retried_turns": stats.retried, "retry_reasons": dict(stats.retry_reasons), "abandoned": abandoned,
+           "teacher_failures": stats.failed,
            "stopped": stopped, "seconds": round(el, 3), "completion_tokens": stats.completion_tokens(),
            "prompt_tokens": stats.prompt_tokens, "tokens_per_s": round(tps, 2),
            "tokens_per_s_by_turn": {t: round(n / el, 2) for t, n in stats.tokens.items()},

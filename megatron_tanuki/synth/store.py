@@ -7,9 +7,14 @@
 
 A conversation is done when its line is in a data or reject file; a rerun skips it. A line torn by a
 kill is cut off before anything is appended, so every file is whole lines of whole records.
+
+One writer per shard: a run holds ``OUT/.lock-shard-i-of-n`` (flock) and a shared ``OUT/.lock-of-n``; a
+second run of the same shard, or a run split another way (``0/2`` beside ``0/4``: the same ids) while
+one is writing, is refused. Resume reads the files line by line (memory: the ids, never the text).
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 
@@ -51,6 +56,8 @@ class Store:
         if self.share is not None and not self.writes:
             return self.share(None)
         self.claim()
+        if self.writes:
+            self._lock()
         done = set()
         for sub in ("data", "rejects"):
             folder = os.path.join(self.out, sub)
@@ -66,16 +73,44 @@ class Store:
             self.data, self.rejects = Writer(self.data_path), Writer(self.rejects_path)
         return done
 
+    def _lock(self) -> None:
+        """Hold this shard's lock (exclusive) and the split's (shared); refuse what would write the same ids."""
+        i, n = self.shard
+        self._locks = []
+        for name, mode, why in ((f".lock-of-{n}", fcntl.LOCK_SH, None),
+                                (f".lock-{shard_name(self.shard)}", fcntl.LOCK_EX, f"another run is writing shard {i}/{n}")):
+            f = open(os.path.join(self.out, name), "a")
+            try:
+                fcntl.flock(f, mode | fcntl.LOCK_NB)
+            except BlockingIOError:
+                f.close()
+                raise RuntimeError(f"{self.out}: {why or 'a run split another way is writing'} (lock "
+                                   f"{name}); wait for it or use another --out") from None
+            self._locks.append(f)
+        for other in os.listdir(self.out):  # a run split into another number of shards: the same ids
+            if other.startswith(".lock-of-") and other != f".lock-of-{n}":
+                with open(os.path.join(self.out, other), "a") as f:
+                    try:
+                        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                        fcntl.flock(f, fcntl.LOCK_UN)
+                    except BlockingIOError:
+                        raise RuntimeError(f"{self.out}: a run with --shard i/{other[len('.lock-of-'):]} is writing; "
+                                           f"shards of another split ({n}) would write the same ids") from None
+
     def claim(self) -> None:
         path = os.path.join(self.out, "recipe.yaml")
         head = f"# recipe {self.recipe.name} hash {self.recipe.hash}\n"
         if os.path.exists(path):
             with open(path, encoding="utf-8") as f:
                 first = f.readline()
+                rest = f.read()
             if first != head:
                 raise ValueError(f"{self.out}: holds the output of another recipe ({first.strip()[2:] or 'unknown'});"
                                  f" this is {self.recipe.name} hash {self.recipe.hash} -- use another --out")
-            return
+            if rest == self.recipe.text or not self.writes:
+                return
+            # the same conversations, other text (count raised, a filters: section edited): merge and filter
+            # read this file, so it follows the recipe
         if not self.writes:
             return
         os.makedirs(self.out, exist_ok=True)
@@ -105,27 +140,46 @@ class Store:
         for w in (self.data, self.rejects):
             if w is not None:
                 w.close()
+        self.data = self.rejects = None
+        for f in getattr(self, "_locks", []):
+            f.close()
+        self._locks = []
 
 
 def read_ids(path: str, repair: bool = False) -> set[str]:
-    """Ids in a JSONL output; a torn last line is cut off (``repair``) or ignored."""
-    with open(path, "rb") as f:
-        data = f.read()
-    if data and not data.endswith(b"\n"):
-        keep = data.rfind(b"\n") + 1
-        if repair:
-            with open(path, "r+b") as f:
-                f.truncate(keep)
-        data = data[:keep]
+    """Ids in a JSONL output, read line by line; a torn last line is cut off (``repair``) or ignored."""
+    if repair:
+        cut_torn_tail(path)
     ids = set()
-    for n, raw in enumerate(data.split(b"\n")[:-1], 1):
-        if not raw.strip():
-            continue
-        try:
-            ids.add(json.loads(raw)["id"])
-        except (json.JSONDecodeError, KeyError, TypeError):
-            raise ValueError(f"{path}:{n}: not a synth record (JSON with an \"id\")") from None
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            if not raw.endswith(b"\n"):
+                break
+            if not raw.strip():
+                continue
+            try:
+                ids.add(json.loads(raw)["id"])
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise ValueError(f"{path}:{n}: not a synth record (JSON with an \"id\")") from None
     return ids
+
+
+def cut_torn_tail(path: str) -> None:
+    """Truncate ``path`` after its last newline (a kill mid-write leaves part of a line)."""
+    with open(path, "r+b") as f:
+        end = f.seek(0, os.SEEK_END)
+        pos = end
+        while pos > 0:
+            step = min(pos, 1 << 16)
+            f.seek(pos - step)
+            chunk = f.read(step)
+            k = chunk.rfind(b"\n")
+            if k >= 0:
+                pos = pos - step + k + 1
+                break
+            pos -= step
+        if pos != end:
+            f.truncate(pos)
 
 
 def iter_records(path: str):

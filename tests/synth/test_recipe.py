@@ -14,7 +14,7 @@ import re
 import pytest
 
 from megatron_tanuki.synth.backend import TurnResult
-from megatron_tanuki.synth.conversation import DONE, NEXT, REJECT, RETRY, Conversation
+from megatron_tanuki.synth.conversation import ABANDON, DONE, NEXT, REJECT, RETRY, Conversation
 from megatron_tanuki.synth.recipe import RecipeError, load_recipe, turn_seed
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -124,6 +124,9 @@ def test_ids_and_seeds_are_stable_and_distinct():
     assert parse_recipe(data, path).conversation_id(3) == ids[3]
     data["sampling"]["temperature"] = 0.8
     assert parse_recipe(data, path).conversation_id(3) != ids[3]
+    data["sampling"]["temperature"] = 0.7  # other seed values, same spec: another recipe (ids change)
+    data["seeds"]["persona"]["limit"] = 100
+    assert parse_recipe(data, path).conversation_id(3) != ids[3]
 
 
 def _write(tmp_path, text: str) -> str:
@@ -168,6 +171,12 @@ def test_sampled_weights_and_product_order(tmp_path):
     (("chat: tanuki}", "chat: tanukii}"), "teacher.chat", "unknown conversation template"),
     (("chat: tanuki}", "chat: plain, system: hi}"), "teacher.system", "has no system turn"),
     (("turns:", "sampling: {top_p: 0}\nturns:"), "sampling", "0 < top_p <= 1"),
+    (("  task: {source", "  id: {source: builtin:basic_task}\n  task: {source"), "seeds.id",
+     "'id' is a field of every record"),
+    (('content: "{q1}"', 'content: "{q1!r}"'), "turns[1].prompt[0].content", "takes no conversion or format spec"),
+    (('content: "{q1}"', 'content: "{q1:>10}"'), "turns[1].prompt[0].content", "takes no conversion or format spec"),
+    (("limit: 3}", "limit: 0}"), "seeds.persona.limit", "a positive integer"),
+    (("limit: 3}", "limit: abc}"), "seeds.persona.limit", "a positive integer"),
 ])
 def test_invalid_recipe_names_file_and_field(tmp_path, edit, field, message):
     (tmp_path / "tasks.jsonl").write_text('{"task": "a", "w": 1}\n', encoding="utf-8")
@@ -225,11 +234,17 @@ def test_turn_rules_retry_with_new_seeds_then_reject():
     assert a1.key.endswith(":a1:0")  # a new turn starts at attempt 0
     for k in range(r.retries):
         assert c.accept(TurnResult(c.request().key, "   ")) == RETRY
+    # a teacher failure is not the conversation's fault: abandoned (left for the rerun), never rejected
     assert c.accept(TurnResult(c.request().key, "", finish_reason="error", error="HTTP 500", error_kind="http_500")) \
-        == REJECT
+        == ABANDON
+    # a request the engine refuses outright is rejected at once (it would fail the same way again)
+    c = Conversation(r, 3)
+    c.accept(TurnResult(c.request().key, "問題: りんごが3個あります。"))
+    assert c.accept(TurnResult(c.request().key, "", finish_reason="error", error="the prompt has 9000 tokens",
+                               error_kind="request")) == REJECT
     rej = c.reject_record()
-    assert rej["turn"] == "a1" and rej["reason"] == "backend error (http_500): HTTP 500"
-    assert rej["attempts"] == r.retries + 1 and rej["failures"][:3] == ["empty answer"] * 3
+    assert rej["turn"] == "a1" and rej["reason"] == "backend error (request): the prompt has 9000 tokens"
+    assert rej["attempts"] == 1
     assert rej["messages"] == [{"role": "user", "content": "りんごが3個あります。"}]
 
 

@@ -115,6 +115,59 @@ def test_rejects_progress_line_and_efficiency(tmp_path, capsys):
     assert "ETA" in err and "rejects" in err
 
 
+def test_a_failing_teacher_stops_the_run_and_rejects_nothing(tmp_path):
+    """A wrong model name (HTTP 404) stops at once; an outage (500s past the backend's retries) stops
+    after max_error_streak failures in a row; nothing goes to rejects, and the rerun does it all."""
+    from megatron_tanuki.synth.runner import TeacherDown
+
+    recipe = load_recipe(recipe_file(tmp_path, 10))
+    out = str(tmp_path / "out")
+    down = [True]
+    with FakeServer(faults=lambda n, body: "500" if down[0] else None) as srv:
+        with OpenAIBackend([srv.url], model="fake-teacher-typo", max_retries=0) as backend:
+            store = Store(out, recipe)
+            with pytest.raises(TeacherDown, match=r"failed 1 request\(s\) in a row \(a configuration error"):
+                run(recipe, store, backend, RunOptions(progress=False))
+            store.close()
+        with OpenAIBackend([srv.url], max_retries=0) as backend:
+            store = Store(out, recipe)
+            with pytest.raises(TeacherDown, match=r"failed 5 request\(s\) in a row; last: backend error \(http_500\)"):
+                run(recipe, store, backend, RunOptions(progress=False, max_error_streak=5))
+            store.close()
+            summary = json.loads((tmp_path / "out" / "summary" / "shard-00000-of-00001.json").read_text())
+            assert summary["completed"] == 0 and summary["teacher_failures"] == 5 and "error" in summary
+        down[0] = False
+        with OpenAIBackend([srv.url], max_retries=0) as backend:  # the rerun: a new process, a new client
+            store = Store(out, recipe)
+            s = run(recipe, store, backend, RunOptions(progress=False))
+            store.close()
+    assert s["completed"] == 10 and s["skipped"] == 0 and s["rejected"] == 0
+    assert (tmp_path / "out" / "rejects" / "shard-00000-of-00001.jsonl").read_text() == ""
+
+
+def test_one_writer_per_shard_and_a_raised_count_merges(tmp_path):
+    from megatron_tanuki.synth.merge import merge
+
+    recipe = load_recipe(recipe_file(tmp_path, 5))
+    out = str(tmp_path / "out")
+    first = Store(out, recipe, (0, 2))
+    first.open()
+    with pytest.raises(RuntimeError, match="another run is writing shard 0/2"):
+        Store(out, recipe, (0, 2)).open()
+    with pytest.raises(RuntimeError, match="a run with --shard i/2 is writing; shards of another split"):
+        Store(out, recipe, (1, 4)).open()
+    Store(out, recipe, (1, 2)).open()  # the other shard of the same split may run beside it
+    first.close()
+    with FakeServer() as srv, OpenAIBackend([srv.url]) as backend:
+        for count in (5, 8):  # raising count extends the run: the same ids, 3 more
+            recipe = load_recipe(recipe_file(tmp_path, count))
+            store = Store(out, recipe)
+            s = run(recipe, store, backend, RunOptions(progress=False))
+            store.close()
+        assert s["completed"] == 3 and s["skipped"] == 5
+    assert merge([out], str(tmp_path / "merged"))["records"] == 8
+
+
 def r_seed(recipe, rec, turn):
     from megatron_tanuki.synth.recipe import turn_seed
 
@@ -151,11 +204,11 @@ def client(tmp_path):
 
 
 def test_sigkill_at_20_points_leaves_every_id_exactly_once(tmp_path, client):
-    recipe = recipe_file(tmp_path, 40)
+    recipe = recipe_file(tmp_path, 100)
     out = tmp_path / "out"
     data = out / "data" / "shard-00000-of-00001.jsonl"
     rng = random.Random(0)
-    with FakeServer(latency=lambda n, body: 0.005 + 0.02 * (n % 3)) as srv:
+    with FakeServer(latency=lambda n, body: 0.01 + 0.03 * (n % 3)) as srv:
         kills = 0
         for _ in range(20):
             p = client(recipe, str(out), srv.url)
@@ -173,7 +226,7 @@ def test_sigkill_at_20_points_leaves_every_id_exactly_once(tmp_path, client):
     raw = data.read_bytes()
     assert raw.endswith(b"\n")
     recs = [json.loads(x) for x in raw.split(b"\n")[:-1]]  # every line whole JSON
-    assert sorted(r["index"] for r in recs) == list(range(40))
+    assert sorted(r["index"] for r in recs) == list(range(100))
 
 
 def test_sigterm_finishes_running_conversations_and_exits_0(tmp_path, client):

@@ -149,6 +149,34 @@ def test_two_pipeline_ranks_schedule_alike_and_match_one_rank(work):
     assert texts(recs) == {k: one[k] for k in texts(recs)}
 
 
+def test_sigusr1_reaches_local_ranks_and_exits_0(work):
+    """`--pp 2` started here: SIGUSR1 (Slurm's warning before the time limit) to the launching process
+    reaches both ranks, which agree to stop: --grace for the running conversations, the rest left for
+    the rerun, exit 0; the rerun completes every slot exactly once."""
+    import signal
+
+    (work / "long.yaml").write_text(RECIPE.replace("name: tiny_persona", "name: long").replace("count: 20", "count: 16")
+                                    .replace("max_tokens: 6", "max_tokens: 12"), encoding="utf-8")
+    data = work / "sig" / "data" / "shard-00000-of-00001.jsonl"
+    p = subprocess.Popen([TANUKI, "synth", "run", "long.yaml", "--out", "sig", "--ckpt", "ck", "--pp", "2",
+                          "--grace", "1", *SMALL], cwd=work, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True)
+    deadline = time.monotonic() + 120
+    while not data.exists():  # the model is loaded and the scheduler has opened its output
+        assert p.poll() is None and time.monotonic() < deadline, p.communicate()
+        time.sleep(0.1)
+    time.sleep(0.5)
+    p.send_signal(signal.SIGUSR1)
+    stdout, stderr = p.communicate(timeout=120)
+    assert p.returncode == 0, stderr
+    summary = json.loads((work / "sig" / "summary" / "shard-00000-of-00001.json").read_text())
+    assert summary["stopped"] and summary["completed"] < 16
+    assert summary["abandoned"] == 16 - summary["completed"]  # redone by the rerun, never lost or doubled
+    r = tanuki(work, "synth", "run", "long.yaml", "--out", "sig", "--ckpt", "ck", *SMALL)
+    assert r.returncode == 0, r.stderr
+    assert sorted(x["index"] for x in records(data)) == list(range(16))
+
+
 def test_torn_line_is_repaired_and_another_recipe_is_refused(work):
     r = tanuki(work, "synth", "run", "tiny.yaml", "--out", "torn", "--ckpt", "ck", "--limit", "5", *SMALL)
     assert r.returncode == 0, r.stderr
