@@ -10,7 +10,12 @@ question that cannot be answered is caught even when the first one is fine.
 - p(prompt) = the sum of P(w) over the ``yes`` words at the end of the prompt (the scorer's next-token
   distribution); with ``no`` words given, p = P(yes) / (P(yes) + P(no)) instead (0 when both are 0).
   Each word must be one token of the scorer's tokenizer, else the check is meaningless (ValueError
-  naming the word and its ids).
+  naming the word and its ids). How a word becomes a probability differs by scorer: the checkpoint
+  scorer reads P of the word's single encoded id; the URL scorer sums P of every top-20 token whose
+  text, spaces trimmed, equals the word (so "yes" and " yes" both count there, only one of them in the
+  checkpoint scorer). It does not match by id even when ``tokenizer`` is given: /v1/completions
+  answers with token texts only, and the id form (vLLM's ``return_tokens_as_token_ids``) is not
+  OpenAI's API: a server that refuses the field would answer every request 400, which drops every row.
 - The row's score is the **minimum** over its prompts by default (``reduce: min``): the question is
   whether *every* step is answerable, and a full conversation's last prompt can look fine because
   A2 fills in what an ill-posed Q2 left out; ``last`` and ``mean`` are there for comparison.
@@ -29,7 +34,7 @@ counts 0. The prompt is rendered with the chat template (``chat``; the checkpoin
 
 Work files (``OUT/filtered/ask_llm/``): ``requests.jsonl`` ({"id": "<row id>:<k>", "prompt"}),
 ``scores.jsonl`` (generate's output shape: {"id", "scores": {word: P}} or an error record) and
-``stamp.json`` (scorer, prompt settings and the requests' SHA-256). A killed run resumes: the scores
+``stamp.json`` (scorer, prompt settings, yes/no words, tokenizer and the requests' SHA-256). A killed run resumes: the scores
 are kept while the stamp matches, and both scorers skip the ids already answered; a rerun with another
 threshold scores nothing again.
 """
@@ -155,7 +160,7 @@ class ScoreWork:
         scorer = self.scorer if is_url(self.scorer) else os.path.abspath(self.scorer)
         c = self.config
         return {"scorer": scorer, "prompt": c.prompt, "chat": c.chat, "yes": list(c.yes), "no": list(c.no),
-                "requests_sha256": self._sha.hexdigest()}
+                "tokenizer": c.tokenizer, "requests_sha256": self._sha.hexdigest()}
 
     def finish_requests(self) -> None:
         """Closes the request file; scores of another scorer, prompt or request set are discarded."""

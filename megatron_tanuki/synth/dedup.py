@@ -7,7 +7,9 @@ even with distinct seeds.
 
 - **Exact**: Q1 normalized (NFKC, every whitespace character removed, lowercased) and hashed
   (BLAKE2b, 16 bytes); the first row with a hash is kept, later ones are dropped
-  "exact_duplicate_of <id>".
+  "exact_duplicate_of <id>", naming the kept row: when the first row with a hash was itself dropped as
+  a near duplicate, the hash maps to the row it was near, so a later exact copy of it names that kept
+  row too, never a row that is not in the output.
 - **Near**: MinHash (datasketch, ``num_perm`` permutations, seed 1) of the normalized Q1's character
   n-grams (Japanese has no spaces, so word shingles do not apply; an n-gram of characters spans
   about one or two words), looked up in a MinHashLSH index of the rows kept so far. A candidate
@@ -84,7 +86,7 @@ class Deduplicator:
         from datasketch import MinHash, MinHashLSH
 
         self.config = config
-        self.first: dict[bytes, str] = {}          # normalized-Q1 hash -> id of its first row
+        self.first: dict[bytes, str] = {}          # normalized-Q1 hash -> id of the kept row it is (near)
         self.kept_ids: list[str] = []              # LSH key -> row id
         self.signatures = _Signatures(config.num_perm)
         self.lsh = MinHashLSH(threshold=config.threshold, num_perm=config.num_perm, hashfunc=_band_hash)
@@ -107,8 +109,8 @@ class Deduplicator:
         if first is not None:
             record["exact_duplicate_of"] = first
             return record, [f"exact_duplicate_of {first}"]
-        self.first[digest] = row_id
         if not norm:
+            self.first[digest] = row_id
             return record, []
         m = self.minhash(norm)
         best = None
@@ -117,8 +119,11 @@ class Deduplicator:
             if jaccard >= self.config.threshold and (best is None or (-jaccard, key) < (-best[0], best[1])):
                 best = (jaccard, key)
         if best is not None:
-            record["near_duplicate_of"], record["jaccard"] = self.kept_ids[best[1]], round(best[0], 4)
-            return record, [f"near_duplicate_of {self.kept_ids[best[1]]}"]
+            kept = self.kept_ids[best[1]]
+            self.first[digest] = kept
+            record["near_duplicate_of"], record["jaccard"] = kept, round(best[0], 4)
+            return record, [f"near_duplicate_of {kept}"]
+        self.first[digest] = row_id
         key = self.signatures.append(m.hashvalues)
         self.kept_ids.append(row_id)
         self.lsh.insert(key, m, check_duplication=False)

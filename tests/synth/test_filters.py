@@ -6,7 +6,11 @@
   problems (one on the same template) are kept.
 - The Japanese check on conversations in the shape of the seed team's Nemotron-4 outputs: a clean
   math Q/A, a "(Translation: ...)" tail, an English paragraph appended to a Japanese answer, an
-  all-English conversation, a coding answer: exact shares and reasons.
+  all-English conversation, a coding answer: exact shares and reasons. Variables, units, URLs and
+  e-mail addresses do not count against a turn (an English sentence still fails); English quoted by a
+  translation question is material, a Japanese "（訳: ...）" gloss is no tail; system messages are
+  not turns (turn numbers as in ask_llm). An exact copy of a dropped near duplicate names the kept row.
+- Ask-LLM's reuse stamp holds the tokenizer: another tokenizer discards saved scores.
 - Ask-LLM through a checkpoint (`tanuki generate --score` in a subprocess, as the CLI runs it) equals
   a direct transformers forward of the same fp32 weights on the same prompt ids (abs 1e-5); a rerun
   with --keep-top reuses the scores; through a real `tanuki serve` (the URL path: top-20 log-probs)
@@ -120,10 +124,10 @@ def test_exact_and_near_duplicates_found_distinct_kept(tmp_path):
     assert true_jaccard(FLOUR, FLOUR_NEAR) > 0.9 and true_jaccard(FLOUR, FLOUR_OTHER) < 0.5
     rows = {name: record(name, i, [q1, *ANSWER]) for i, (name, q1) in enumerate(
         [("flour", FLOUR), ("cm", CM), ("flour-near", FLOUR_NEAR), ("flour-exact", FLOUR_EXACT),
-         ("flour-other", FLOUR_OTHER), ("cm-again", CM)])}
+         ("flour-other", FLOUR_OTHER), ("cm-again", CM), ("flour-near-again", FLOUR_NEAR + " ")])}
     out = tmp_path / "run"
     write_run(out, [[rows["flour"], rows["cm"], rows["flour-near"]],
-                    [rows["flour-exact"], rows["flour-other"], rows["cm-again"]]])
+                    [rows["flour-exact"], rows["flour-other"], rows["cm-again"], rows["flour-near-again"]]])
     summary = run_filter(str(out), dedup=True, lang=None, ask_llm=None, progress=False)
     got, written = results(out)
     assert summary == written
@@ -142,20 +146,22 @@ def test_exact_and_near_duplicates_found_distinct_kept(tmp_path):
         "flour-exact": (dedup(exact=flour), [f"exact_duplicate_of {flour}"]),
         "flour-other": (dedup(), []),
         "cm-again": (dedup(exact=cm), [f"exact_duplicate_of {cm}"]),
+        # an exact copy of a dropped near duplicate names the kept row, not the dropped one
+        "flour-near-again": (dedup(exact=flour), [f"exact_duplicate_of {flour}"]),
     }
     for name, (rec, reasons) in expected.items():
         row = got[row_id(name)]
         assert row["filters"] == {"dedup": rec} and row["drop_reasons"] == reasons and row["keep"] == (not reasons)
         assert {k: v for k, v in row.items() if k not in ("filters", "keep", "drop_reasons")} == rows[name]
     assert {k: summary[k] for k in ("rows", "kept", "dropped", "dropped_by_reason", "steps", "inputs")} == {
-        "rows": 6, "kept": 3, "dropped": 3, "dropped_by_reason": {"exact_duplicate": 2, "near_duplicate": 1},
+        "rows": 7, "kept": 3, "dropped": 4, "dropped_by_reason": {"exact_duplicate": 3, "near_duplicate": 1},
         "steps": ["dedup"], "inputs": ["data/shard-00000-of-00002.jsonl", "data/shard-00001-of-00002.jsonl"]}
     assert summary["config"] == {"dedup": {"ngram": 5, "threshold": 0.9, "num_perm": 128}}
 
 
 # ------------------------------------------------------------------------------------ Japanese
 
-CLEAN = [  # letters: Q1 45 kana/kanji + 8 Latin ("CM" x4), A1 26 + 4, Q2 35 + 4, A2 23 + 0
+CLEAN = [  # letters: Q1 45 kana/kanji, A1 26, Q2 35, A2 23; "CM" (a 2-letter abbreviation) is not counted
     "問題: CMディレクターの佐藤さんは、15秒のCMを4本と30秒のCMを3本撮影しました。撮影したCMの長さは合計で何秒ですか？",
     "15秒のCMが4本で60秒、30秒のCMが3本で90秒です。合計は60秒＋90秒で150秒になります。",
     "問題: もし30秒のCMをさらに2本追加で撮影した場合、CMの長さの合計は何秒になりますか？",
@@ -168,7 +174,7 @@ TRANSLATION = [  # A1: 32 kana/kanji + 28 Latin (Translation The sales are yen y
     "問題: もしメロンパンの値段を1個150円に上げた場合、8個すべて売れたときの売り上げはいくらですか？",
     "1個150円で8個売れたので、売り上げは150円×8個で1200円になります。",
 ]
-ENGLISH_PARAGRAPH = [  # A2: 14 kana/kanji + 62 Latin in the appended paragraph
+ENGLISH_PARAGRAPH = [  # A2: 14 kana/kanji + 56 Latin in the appended paragraph (62 less "If", "of", "is")
     "問題: 図書館司書の山本さんは、1段に25冊の本が並ぶ本棚を6段整理しました。整理した本は全部で何冊ですか？",
     "1段に25冊の本が6段あるので、25冊×6段で150冊になります。",
     "問題: もし1段に並ぶ本を30冊に増やした場合、6段で何冊になりますか？",
@@ -198,10 +204,10 @@ def test_japanese_check_on_seed_team_samples(tmp_path):
     summary = run_filter(str(out), dedup=False, lang="ja", ask_llm=None, progress=False)
     got, _ = results(out)
     expected = {
-        "clean": ([round(45 / 53, 4), round(26 / 30, 4), round(35 / 39, 4), 1.0], [], []),
+        "clean": ([1.0, 1.0, 1.0, 1.0], [], []),
         "translation": ([1.0, round(32 / 60, 4), 1.0, 1.0], [1], ["translation_tail turn 1"]),
-        "english-paragraph": ([1.0, 1.0, 1.0, round(14 / 76, 4)], [3],
-                              ["not_japanese turn 3 (share 0.18 < 0.5)", "translation_tail turn 3"]),
+        "english-paragraph": ([1.0, 1.0, 1.0, round(14 / 70, 4)], [3],
+                              ["not_japanese turn 3 (share 0.20 < 0.5)", "translation_tail turn 3"]),
         "english": ([0.0] * 4, [], [f"not_japanese turn {k} (share 0.00 < 0.5)" for k in range(4)]),
         "code": ([round(24 / 30, 4), 1.0, 1.0, None], [], []),  # Q1: 24 kana/kanji + "Python"; A2 is only code
     }
@@ -221,11 +227,74 @@ def test_japanese_check_on_seed_team_samples(tmp_path):
     ("問題: 次の英文を日本語に翻訳してください。「I have a pen.」", False),
     ("答えは5個です。\n\n```python\n# the answer is in the table of the translation\nprint(5)\n```", False),
     ("答えは5個です。\n\nx = 5, y = 3", False),  # a formula paragraph is not English prose
+    ("この英文の和訳（訳: 猫が寝ている）を確認しましょう。", False),  # a Japanese gloss: no Latin inside
+    ("答えは5個です。（訳：猫が5匹）\n\nこれで終わりです。", False),
 ])
 def test_translation_markers(text, tail):
     from megatron_tanuki.synth.japanese import has_translation_tail
 
     assert has_translation_tail(text) is tail
+
+
+def turns(*texts: str, roles=ROLES) -> list[dict]:
+    return [{"role": r, "content": t} for r, t in zip(roles, texts)]
+
+
+def test_share_leaves_out_variables_units_urls_and_addresses():
+    from megatron_tanuki.synth.japanese import check, japanese_share
+
+    assert japanese_share("x + y = 10, 2x - y = 5 を解くと x = 5, y = 5") == 1.0  # was 12/30: dropped
+    assert japanese_share("詳細は https://example.com/the/path/of/docs を参照") == 1.0  # was 5/28
+    assert japanese_share("質問は taro.yamada@example.co.jp まで") == 1.0
+    assert japanese_share("長さは 5 cm、重さは 3 kg です") == 1.0
+    assert japanese_share("x = 5, y = 3") is None  # nothing but symbols: no share, never fails
+    assert japanese_share("CPUとメモリ") == 4 / 7  # a 3-letter word still counts
+    english = "The answer is 5 because 2 plus 3 is 5."
+    assert japanese_share(english) == 0.0
+    assert check(turns(english, "答えは5です。")) == (
+        {"japanese_share": [0.0, 1.0], "translation_tail": []}, ["not_japanese turn 0 (share 0.00 < 0.5)"])
+
+
+def test_english_quoted_by_a_translation_question_is_material():
+    from megatron_tanuki.synth.japanese import check
+
+    question = "次の英文を日本語に訳してください。\n\nThe cat is sleeping on the table."
+    answer = "テーブルの上で猫が寝ています。"
+    assert check(turns(question, answer)) == ({"japanese_share": [1.0, 1.0], "translation_tail": []}, [])
+    # the same English after a question that does not ask about English is a tail
+    assert check(turns("猫はどこで寝ていますか？\n\nThe cat is sleeping on the table.", answer))[1] == [
+        "not_japanese turn 0 (share 0.33 < 0.5)", "translation_tail turn 0"]  # 11 kana/kanji, 22 Latin
+    # an assistant turn's English after Japanese is always a tail, even after such a question
+    assert check(turns(question, "テーブルの上で猫が寝ています。\n\nThe cat is sleeping on the table.")) == (
+        {"japanese_share": [1.0, round(14 / 36, 4)], "translation_tail": [1]},
+        ["not_japanese turn 1 (share 0.39 < 0.5)", "translation_tail turn 1"])
+
+
+def test_system_messages_are_not_turns():
+    from megatron_tanuki.synth.japanese import check
+
+    messages = turns("You are a helpful assistant. Answer in Japanese.", "りんごは何個ですか？",
+                     "The answer is three apples in the basket.", roles=("system", "user", "assistant"))
+    assert check(messages) == ({"japanese_share": [1.0, 0.0], "translation_tail": []},
+                               ["not_japanese turn 1 (share 0.00 < 0.5)"])  # turn 1 = A1, as in ask_llm
+
+
+def test_stamp_includes_the_tokenizer(tmp_path):
+    """Saved scores are reused only under the same stamp; another tokenizer discards them."""
+    def prepare(config):
+        work = ask.ScoreWork(str(tmp_path / "ask"), "http://127.0.0.1:9/v1", config)
+        work.add("0123456789abcdef", messages(["問題: 1+1は？", "2です。"]))
+        work.finish_requests()
+        return work
+
+    work = prepare(ask.AskLLMConfig())
+    assert work.stamp()["tokenizer"] is None
+    (tmp_path / "ask" / "scores.jsonl").write_text('{"id": "0123456789abcdef:0", "scores": {"yes": 0.5}}\n')
+    prepare(ask.AskLLMConfig())
+    assert (tmp_path / "ask" / "scores.jsonl").exists()  # same stamp: kept
+    work = prepare(ask.AskLLMConfig(tokenizer="llm-jp/llm-jp-3-1.8b"))
+    assert not (tmp_path / "ask" / "scores.jsonl").exists()
+    assert json.loads((tmp_path / "ask" / "stamp.json").read_text())["tokenizer"] == "llm-jp/llm-jp-3-1.8b"
 
 
 # ------------------------------------------------------------------------------------ recipe errors
