@@ -11,7 +11,9 @@ where every turn is answerable from the picture alone.
 Rules as in `tanuki synth run`: an empty answer, one cut by max_tokens (unless ``allow_truncated``)
 or one holding ``<image>`` is asked again with a new derived seed up to ``retries`` times, then
 recorded in rejects.jsonl with the reason. A request the model cannot take (an unreadable image, a
-prompt longer than the context) is rejected at once, naming the file: asking again fails alike.
+prompt longer than the context) is rejected at once, naming the file: asking again fails alike. Any
+other engine error is the engine's, not the answer's: it is counted (summary ``failed``) and written
+nowhere, so the rerun asks it again.
 
     OUT/recipe.yaml        the recipe as last run
     OUT/answers.jsonl      one line per answer, appended whole (fsync) while running
@@ -24,8 +26,9 @@ prompt longer than the context) is rejected at once, naming the file: asking aga
 
 Crash safety: an answer is done once its line is in answers.jsonl or rejects.jsonl (a torn last line
 is cut first); a rerun asks only the rest (remove rejects.jsonl to ask those again). An answer's id
-covers the image, the question's name and what decides its text (prompt, sampling, stop, model,
-chat), so editing one question redoes only it. The LLaVA files are rebuilt from the answer lines
+covers the image, the question's name and what decides its text (prompt, sampling, stop, chat, the
+model that loads -- captions.model.name when set, else the checkpoint folder -- and a --tokenizer),
+so editing one question redoes only it and another --ckpt asks everything again. The LLaVA files are rebuilt from the answer lines
 once nothing is left to ask (temp + rename): a killed run never leaves a half-written or partial
 dataset. Image paths in them are relative to the image folder (the images folder, or the JSONL's
 folder): set `data.image_folder` to it.
@@ -44,7 +47,8 @@ from dataclasses import dataclass, field
 
 from megatron_tanuki.synth.backend import TurnRequest
 from megatron_tanuki.synth.captions_spec import (ANSWERS, IMAGE_MARK, REJECTS, STAGE1, STAGE2, SUMMARY, Image, Plan,
-                                                 Question, answer_id, list_images, load_captions, write_atomic)
+                                                 Question, answer_id, identify, list_images, load_captions,
+                                                 write_atomic)
 from megatron_tanuki.synth.llava import assemble
 from megatron_tanuki.synth.recipe import turn_seed
 
@@ -85,9 +89,18 @@ def plan(job: CaptionJob) -> Plan:
         raise ValueError(f"--out {out}: exists and is not a folder")
     folder, images = list_images(source)
     images = images[:job.limit] if job.limit else images
+    # the answers' ids are the loaded model's (see identify): --ckpt and --tokenizer count
+    identify(recipe, ckpt, None if recipe.model_name else _loaded(ckpt), job.tokenizer)
     p = Plan(recipe, out, ckpt, folder, images, job.tokenizer)
     p.work = [(answer_id(im, q), im, q) for im in images for q in recipe.questions]
     return p
+
+
+def _loaded(ckpt: str) -> str:
+    """The checkpoint folder that loads for ``ckpt`` (a run folder's latest iteration)."""
+    from megatron_tanuki.models.checkpoint_meta import resolve
+
+    return resolve(ckpt)
 
 
 def check_model(ckpt: str) -> None:
@@ -119,34 +132,44 @@ def captions_rank(job: CaptionJob) -> dict:
     together); rank 0 writes."""
     import signal
 
-    import torch.distributed as dist
-
     from megatron_tanuki.synth.job import engine_backend
     from megatron_tanuki.synth.runner import StopFlag
 
     p = plan(job)
     job.ckpt = p.ckpt
     backend = engine_backend(job, p.recipe.chat, where=p.recipe.path)
-    rank0 = dist.get_rank() == 0
     stop = StopFlag()
     previous = stop.install()
+    try:
+        return answer_rest(p, backend, stop, job.grace_s, job.progress)
+    finally:
+        backend.close()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def answer_rest(p: Plan, backend, stop, grace_s: float = 120.0, progress: bool | None = None) -> dict:
+    """Ask ``backend`` (any teacher backend; the engine's ranks all call this alike) every answer of
+    ``p`` not yet in answers.jsonl or rejects.jsonl, append each as it is decided (rank 0), then
+    write the summary and, when nothing is left, the LLaVA files. Returns the summary."""
+    import torch.distributed as dist
+
+    ranks = dist.is_initialized()
+    rank0 = not ranks or dist.get_rank() == 0
     output = None
     try:
         if rank0:
             write_atomic(os.path.join(p.out, "recipe.yaml"), p.recipe.text)
         box = [done_ids(p.out, repair=True) if rank0 else None]
-        if dist.get_world_size() > 1:
+        if ranks and dist.get_world_size() > 1:
             dist.broadcast_object_list(box, src=0)   # one view of what is done, before anyone appends
         todo = _todo(p, box[0])
         output = _Output(p.out) if rank0 else None
         stats = _Stats(len(p.work), len(p.work) - len(todo))
-        ask(p, todo, backend, output, stats, stop, job.grace_s, job.progress if rank0 else False)
+        ask(p, todo, backend, output, stats, stop, grace_s, progress if rank0 else False)
     finally:
         if output is not None:
             output.close()
-        backend.close()
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
     return _finish(p, stats, loaded=True, write=rank0)
 
 
@@ -187,6 +210,7 @@ class _Stats:
         self.reasons = collections.Counter()
         self.stopped = False
         self.abandoned = 0
+        self.failed = 0               # engine errors other than a refused request: left for the rerun
 
     def elapsed(self) -> float:
         return max(1e-9, time.monotonic() - self.t0)
@@ -243,8 +267,15 @@ def ask(p: Plan, todo: list, backend, output: _Output | None, stats: _Stats, sto
                 if output is not None:
                     output.answers.write(_answer_record(p, a, res, text))
                 continue
-            a.failures.append(why)
             stats.reasons[kind] += 1
+            if res.finish_reason == "error" and kind != "request":
+                # the engine failed, not the answer (as ABANDON in `tanuki synth run`): written
+                # nowhere, so the rerun asks it again; only a refused request is a reject
+                stats.failed += 1
+                if stats.failed == 1:
+                    log(f"[captions] engine error, left for the rerun: {why}", flush=True)
+                continue
+            a.failures.append(why)
             if kind == "request" or a.attempt >= p.recipe.retries:
                 stats.rejected += 1
                 if output is not None:
@@ -290,7 +321,8 @@ def _check(q: Question, res) -> tuple[str, str | None, str | None]:
 def _answer_record(p: Plan, a: _Ask, res, text: str) -> dict:
     return {"id": a.aid, "image_id": a.image.id, "image": a.image.image, "question": a.q.name,
             "category": a.q.category, "prompt": a.q.prompt, "answer": text, "finish_reason": res.finish_reason,
-            "model": p.recipe.model, "recipe": p.recipe.name, "question_hash": a.q.hash,
+            "model": p.recipe.model, "ckpt": os.path.abspath(p.ckpt), "recipe": p.recipe.name,
+            "question_hash": a.q.hash,
             "sampling": {**a.q.sampling, "stop": list(a.q.stop)}, "seed": turn_seed(a.aid, a.q.name, a.attempt),
             "attempts": a.attempt + 1, "prompt_tokens": res.prompt_tokens,
             "completion_tokens": res.completion_tokens, "created": _now()}
@@ -300,12 +332,12 @@ def _reject_record(p: Plan, a: _Ask) -> dict:
     return {"id": a.aid, "image_id": a.image.id, "image": a.image.image, "path": a.image.path,
             "question": a.q.name, "reason": a.failures[-1], "attempts": len(a.failures),
             "failures": list(a.failures), "seeds": [turn_seed(a.aid, a.q.name, k) for k in range(len(a.failures))],
-            "model": p.recipe.model, "recipe": p.recipe.name, "created": _now()}
+            "model": p.recipe.model, "ckpt": os.path.abspath(p.ckpt), "recipe": p.recipe.name, "created": _now()}
 
 
 def _line(s: _Stats, in_flight: int) -> str:
     el = s.elapsed()
-    finished = s.answered + s.rejected
+    finished = s.answered + s.rejected + s.failed
     remaining = s.target - s.skipped - finished
     eta = f"{remaining / (finished / el):.0f} s" if finished else "?"
     return (f"[captions] {s.skipped + finished}/{s.target} answers | {in_flight} in flight | "
@@ -320,11 +352,12 @@ def _now() -> str:
 
 def _finish(p: Plan, stats: _Stats, loaded: bool, write: bool = True) -> dict:
     el = stats.elapsed()
-    left = stats.abandoned
-    summary = {"recipe": p.recipe.name, "model": p.recipe.model, "images": len(p.images),
+    left = stats.abandoned + stats.failed
+    summary = {"recipe": p.recipe.name, "model": p.recipe.model, "ckpt": os.path.abspath(p.ckpt),
+               "images": len(p.images),
                "questions": len(p.recipe.questions), "target": stats.target, "skipped": stats.skipped,
                "asked": stats.answered + stats.rejected, "answered": stats.answered, "rejected": stats.rejected,
-               "retried": stats.retried, "failure_reasons": dict(stats.reasons), "left": left,
+               "retried": stats.retried, "failure_reasons": dict(stats.reasons), "failed": stats.failed, "left": left,
                "stopped": stats.stopped, "loaded_model": loaded, "seconds": round(el, 3),
                "prompt_tokens": stats.prompt_tokens, "completion_tokens": stats.completion_tokens,
                "tokens_per_s": round(stats.completion_tokens / el, 2), "peak_in_flight": stats.peak,

@@ -35,7 +35,7 @@ class Question:
     sampling: dict                # temperature, top_p, max_tokens
     stop: tuple[str, ...]
     allow_truncated: bool
-    hash: str = ""                # what decides the answer's text (prompt, sampling, stop, model, chat)
+    hash: str = ""                # what decides the answer's text: prompt, sampling, stop, chat, model (identify)
 
 
 @dataclass
@@ -47,6 +47,7 @@ class CaptionRecipe:
     out: str | None
     model: str                    # recorded with every answer; part of each question's hash
     ckpt: str | None
+    model_name: str | None        # captions.model.name as written (None: named after the checkpoint)
     chat: str | None              # None: the checkpoint's default (llava-v1 for Tanuki-vision)
     questions: list[Question]
     retries: int
@@ -65,8 +66,7 @@ def load_captions(path: str) -> CaptionRecipe:
     model = r.mapping(c.get("model") or {}, "captions.model", MODEL_KEYS)
     ckpt = r.string(model["ckpt"], "captions.model.ckpt") if model.get("ckpt") is not None else None
     chat = _chat(r, model.get("chat"))
-    model_name = r.string(model["name"], "captions.model.name") if model.get("name") is not None else \
-        os.path.basename(os.path.normpath(ckpt)) if ckpt else "vlm"
+    model_name = r.string(model["name"], "captions.model.name") if model.get("name") is not None else None
     defaults = read_sampling(r, c.get("sampling") or {}, "captions.sampling", DEFAULT_SAMPLING)
     stop = r.strings(c.get("stop"), "captions.stop")
     allow = _flag(r, c.get("allow_truncated", False), "captions.allow_truncated")
@@ -74,9 +74,6 @@ def load_captions(path: str) -> CaptionRecipe:
     if not isinstance(retries, int) or isinstance(retries, bool) or retries < 0:
         raise r.error("captions.retries", f"{retries!r}: an integer >= 0")
     questions = _questions(r, c["questions"], defaults, stop, allow)
-    for q in questions:
-        identity = {"prompt": q.prompt, "sampling": q.sampling, "stop": q.stop, "model": model_name, "chat": chat}
-        q.hash = _digest(json.dumps(identity, sort_keys=True, ensure_ascii=False))
     stage1 = c.get("stage1", questions[0].name)
     if stage1 not in [q.name for q in questions]:
         raise r.error("captions.stage1", f"{stage1!r}: the name of one of captions.questions")
@@ -85,8 +82,35 @@ def load_captions(path: str) -> CaptionRecipe:
     seq = c.get("seq_length")
     if seq is not None and (not isinstance(seq, int) or isinstance(seq, bool) or seq < 2):
         raise r.error("captions.seq_length", f"{seq!r}: the training's data.seq_length, an integer")
-    return CaptionRecipe(name=name, path=os.path.abspath(path), text=recipe.text, images=images, out=out, model=model_name,
-                         ckpt=ckpt, chat=chat, questions=questions, retries=retries, stage1=stage1, seq_length=seq)
+    captions = CaptionRecipe(name=name, path=os.path.abspath(path), text=recipe.text, images=images, out=out,
+                             model="", ckpt=ckpt, model_name=model_name, chat=chat, questions=questions,
+                             retries=retries, stage1=stage1, seq_length=seq)
+    identify(captions, ckpt)
+    return captions
+
+
+def identify(recipe: CaptionRecipe, ckpt: str | None, loaded: str | None = None, tokenizer: str | None = None) -> None:
+    """Set ``recipe.model`` (the name recorded with every answer) and each question's hash for the
+    model that answers: ``ckpt`` as given (``--ckpt`` or captions.model.ckpt), ``loaded`` the folder it
+    resolves to, ``tokenizer`` a ``--tokenizer`` override.
+
+    Why the loaded checkpoint and not the recipe's text: the hash makes each answer's id, and a rerun
+    skips the ids it finds, so `--ckpt other` must not find the first model's answers done (and
+    record them under its name). With captions.model.name set, that name alone stands for the
+    weights -- the user vouches for it, so a checkpoint copied to node-local disk (another path, the
+    same weights) keeps its answers; without it the resolved path does (a run folder whose latest
+    iteration moved on is another model). A tokenizer override changes the prompt's tokens, so it
+    counts either way."""
+    recipe.ckpt = ckpt
+    recipe.model = recipe.model_name or (os.path.basename(os.path.normpath(ckpt)) if ckpt else "vlm")
+    who = {"model": recipe.model}
+    if recipe.model_name is None and (loaded or ckpt):
+        who["ckpt"] = os.path.abspath(loaded or ckpt)
+    if tokenizer is not None:
+        who["tokenizer"] = os.path.abspath(tokenizer) if os.path.exists(tokenizer) else tokenizer
+    for q in recipe.questions:
+        identity = {"prompt": q.prompt, "sampling": q.sampling, "stop": q.stop, "chat": recipe.chat, **who}
+        q.hash = _digest(json.dumps(identity, sort_keys=True, ensure_ascii=False))
 
 
 def _chat(r: Reader, value) -> str | None:

@@ -278,3 +278,98 @@ def test_seq_length_splits_a_long_conversation_into_records_that_fit(work, first
     index = RecordIndex([str(tmp_path / "out" / STAGE2)])
     assert all(len(fit(index.read(i), index.where(i))) <= seq for i in range(len(index)))
     assert read_json(tmp_path / "out" / STAGE1) == read_json(work / "out" / STAGE1)
+
+
+def test_another_checkpoint_asks_everything_again_and_records_it(work, first, tmp_path):
+    """Without captions.model.name the checkpoint that loads makes the answers' ids: `--ckpt other`
+    (a copy of the tiny model in another folder) asks again and records the other model; with the
+    name set the user vouches for it, so the same answers stand. A --tokenizer changes the ids."""
+    from megatron_tanuki.synth.captions import CaptionJob, plan
+
+    other = tmp_path / "other"
+    shutil.copytree(work / "ck", other)
+    recipe = tmp_path / "unnamed.yaml"
+    recipe.write_text(recipe_text(work / "imgs", work / "ck", QUESTIONS[:1]).replace("{name: tiny-vision, ckpt:",
+                                                                                     "{ckpt:"), encoding="utf-8")
+    out = tmp_path / "out"
+    runs = [run_captions(str(recipe), out=str(out), limit=1, **SMALL),
+            run_captions(str(recipe), out=str(out), limit=1, ckpt=str(other), **SMALL),
+            run_captions(str(recipe), out=str(out), limit=1, ckpt=str(other), **SMALL)]
+    assert [(s["asked"], s["skipped"], s["loaded_model"], s["model"]) for s in runs] == [
+        (1, 0, True, "ck"), (1, 0, True, "other"), (0, 1, False, "other")]
+    lines = read_lines(out / ANSWERS)
+    assert [(r["model"], r["ckpt"], r["image"]) for r in lines] == [("ck", str(work / "ck"), "a.png"),
+                                                                    ("other", str(other), "a.png")]
+    assert lines[0]["id"] != lines[1]["id"] and lines[0]["answer"] == lines[1]["answer"]   # the same weights
+    assert read_json(out / STAGE1)[0]["conversations"][1]["value"] == lines[1]["answer"]
+
+    named = tmp_path / "named"
+    shutil.copytree(work / "out", named)
+    s = run_captions(str(work / "recipe.yaml"), out=str(named), ckpt=str(other), **SMALL)
+    assert (s["asked"], s["skipped"], s["loaded_model"], s["model"]) == (0, 12, False, "tiny-vision")
+    ids = {tok: [w[0] for w in plan(CaptionJob(str(work / "recipe.yaml"), out=str(named), tokenizer=tok)).work]
+           for tok in (None, str(work / "ck" / "hf"))}
+    assert set(ids[None]) == {r["id"] for r in read_lines(named / ANSWERS) + read_lines(named / REJECTS)}
+    assert not set(ids[None]) & set(ids[str(work / "ck" / "hf")])
+
+
+class StandInEngine:
+    """The backend surface (submit/poll/capacity/in_flight/stats/close) answering by question name:
+    an error of the given kind, or a fixed answer; it keeps every key it was asked."""
+
+    def __init__(self, errors: dict[str, str]):
+        self.errors, self.queue, self.asked = errors, [], []
+
+    def submit(self, req):
+        self.queue.append(req)
+        self.asked.append(req.key)
+
+    def poll(self, timeout: float):
+        from megatron_tanuki.synth.backend import TurnResult
+
+        done, self.queue = self.queue, []
+        return [TurnResult(r.key, finish_reason="error", error=f"{r.key}: engine said no", error_kind=kind)
+                if (kind := self.errors.get(r.key.split(":")[1])) else
+                TurnResult(r.key, text=f"答え {r.key.split(':')[1]}", completion_tokens=2) for r in done]
+
+    def capacity(self) -> int:
+        return 8 - len(self.queue)
+
+    def in_flight(self) -> int:
+        return len(self.queue)
+
+    def stats(self):
+        from megatron_tanuki.synth.backend import BackendStats
+
+        return BackendStats()
+
+    def close(self) -> None:
+        pass
+
+
+def test_an_engine_error_is_left_for_the_rerun_and_only_a_refused_request_is_a_reject(work, tmp_path):
+    """A connection error (not the answer's fault) is counted, written nowhere and not retried; the
+    rerun asks it again. A request the engine refuses (kind "request") is a reject at once."""
+    from megatron_tanuki.synth.captions import CaptionJob, answer_rest, plan
+    from megatron_tanuki.synth.runner import StopFlag
+
+    p = plan(CaptionJob(str(work / "recipe.yaml"), out=str(tmp_path / "out"), limit=1))
+    failing = StandInEngine({"count": "connection", "color": "request"})
+    s = answer_rest(p, failing, StopFlag(), progress=False)
+    assert {k: s[k] for k in ("asked", "answered", "rejected", "retried", "failed", "left", "failure_reasons",
+                              "stage1")} == {
+        "asked": 2, "answered": 1, "rejected": 1, "retried": 0, "failed": 1, "left": 1,
+        "failure_reasons": {"backend error (connection)": 1, "request": 1}, "stage1": None}
+    assert sorted(k.split(":")[1:] for k in failing.asked) == [["color", "0"], ["count", "0"], ["describe", "0"]]
+    assert [(r["question"], r["answer"]) for r in read_lines(tmp_path / "out" / ANSWERS)] == [("describe", "答え describe")]
+    assert [(r["question"], r["reason"], r["attempts"]) for r in read_lines(tmp_path / "out" / REJECTS)] == [
+        ("color", "engine said no", 1)]
+    assert not (tmp_path / "out" / STAGE2).exists()
+
+    working = StandInEngine({})
+    s = answer_rest(plan(CaptionJob(str(work / "recipe.yaml"), out=str(tmp_path / "out"), limit=1)), working,
+                    StopFlag(), progress=False)
+    assert (s["skipped"], s["asked"], s["answered"], s["failed"], s["left"]) == (2, 1, 1, 0, 0)
+    assert [k.split(":")[1] for k in working.asked] == ["count"]
+    assert [t["value"] for t in read_json(tmp_path / "out" / STAGE2)[0]["conversations"][1::2]] == [
+        "答え describe", "答え count"]
