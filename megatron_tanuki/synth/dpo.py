@@ -5,8 +5,15 @@ judges favour a position. So a policy model (Tanuki SFT) writes 2 answers per qu
 its own derived seed), the judge (the teacher) compares them twice with the order swapped -- the
 MT-Bench pairwise format, temperature 0 -- and only a consistent verdict (the same answer wins in
 both orders) becomes ``{"id", "prompt", "chosen", "rejected", "judge"}``. Ties, inconsistent and
-unparseable verdicts, identical, empty or truncated answers go to the rejects file with the reason,
-and are counted in the summary: nothing is dropped or kept silently.
+unparseable verdicts, identical, empty or truncated answers, and requests the policy or the judge
+cannot serve (e.g. a prompt longer than its context) go to the rejects file with the reason, and are
+counted in the summary: nothing is dropped or kept silently.
+
+The questions: ``dpo.questions`` is an output folder of `tanuki synth run` -- the first user message of
+every record, and only the rows `tanuki synth filter` kept (``OUT/filtered/data.jsonl``, ``keep: true``)
+when the folder has been filtered, as `tanuki synth export` reads it (a filter that no longer covers
+OUT/data is refused) -- or a JSONL file: synth records (lines with "messages") unless ``question_field``
+names the question's field of plain lines (default "question").
 
 Two phases, each on the backend its side names (``{ckpt: ...}``: our engine; ``{base_url: ...}``:
 an OpenAI-compatible server), many requests in flight in each:
@@ -20,7 +27,10 @@ an OpenAI-compatible server), many requests in flight in each:
 With two engine checkpoints the policy engine is closed before the judge's is built (one model in
 memory at a time). Crash-safe like `tanuki synth run`: whole lines appended with fsync, a torn last
 line cut off, a rerun skips every id already answered (phase 1) or decided (phase 2). A request that
-fails (server or engine error) writes nothing: it is counted and a rerun asks again.
+fails for a passing reason (a server or engine error, a timeout: dpo_spec.PERMANENT_ERRORS says which
+are not) writes nothing: it is counted and a rerun asks again; one the side refuses (the request itself
+is bad) rejects its question for good. Answers the judge would not be asked about (identical, empty,
+truncated) are rejected before the judge is placed, so a rerun with only those left loads no judge.
 
 Where things are: dpo_spec.py reads and checks the dpo: section (the sides, the judge's prompt, seeds,
 verdicts); dpo_phases.py runs one phase on one rank; this module places the phases (engine ranks or
@@ -32,8 +42,9 @@ import json
 import os
 import time
 
-from megatron_tanuki.synth.dpo_phases import PhaseTask, answer_phase, judge_phase
-from megatron_tanuki.synth.dpo_spec import REASONS, DpoSpec, check_sides, iter_questions, load_dpo
+from megatron_tanuki.synth.dpo_phases import (PhaseTask, answer_phase, judge_phase, reject_unjudgeable,
+                                              undecided_answers)
+from megatron_tanuki.synth.dpo_spec import REASONS, DpoSpec, check_sides, iter_questions, load_dpo, unjudgeable
 
 
 # ------------------------------------------------------------------------------ running
@@ -68,6 +79,7 @@ def run_dpo(recipe_path: str, out: str | None = None, *, limit: int | None = Non
             task = PhaseTask(recipe=spec.recipe.path, out=out, role=role, limit=limit, progress=progress,
                              fold_system=fold.get(role, False))
             side = getattr(spec, role)
+            settled = reject_unjudgeable(spec, out, limit) if role == "judge" and rank0 else {}
             has_work = _has_work(spec, out, role, limit)
             if under_launcher and side.engine and _dist_initialized():
                 has_work = _broadcast(has_work)  # rank 0 may still be appending the last answer
@@ -79,6 +91,8 @@ def run_dpo(recipe_path: str, out: str | None = None, *, limit: int | None = Non
                 phases[role] = run_job(phase_rank, task, side.nproc)[0]
             else:
                 phases[role] = phase_rank(task) if rank0 else {}
+            for reason, n in settled.items():
+                phases[role][reason] = phases[role].get(reason, 0) + n
     finally:
         if not was_initialized and not under_launcher:
             from megatron_tanuki.runtime.distributed import shutdown
@@ -92,18 +106,19 @@ def run_dpo(recipe_path: str, out: str | None = None, *, limit: int | None = Non
 
 
 def _has_work(spec: DpoSpec, out: str, role: str, limit) -> bool:
-    """Whether the phase would ask anything (a rerun of a finished folder loads no model)."""
+    """Whether the phase would ask anything (a rerun of a finished folder loads no model, nor does a
+    judge phase left with answers it would reject unasked)."""
     from megatron_tanuki.synth.store import read_ids
 
-    def ids(name: str) -> set:
-        path = os.path.join(out, name)
-        return read_ids(path) if os.path.exists(path) else set()
+    def ids(*names: str) -> set:
+        paths = [os.path.join(out, name) for name in names]
+        return set().union(*(read_ids(p) for p in paths if os.path.exists(p)))
 
-    wanted = {qid for qid, _ in iter_questions(spec, limit)}
-    answered = ids("answers.jsonl")
     if role == "policy":
-        return bool(wanted - answered)
-    return bool((wanted & answered) - ids("pairs.jsonl") - ids("rejects.jsonl"))
+        wanted = {qid for qid, _ in iter_questions(spec, limit)}
+        return bool(wanted - ids("answers.jsonl", "rejects.jsonl"))
+    return any(unjudgeable(rec, spec.allow_truncated) is None
+               for rec in undecided_answers(spec, out, limit, ids("pairs.jsonl", "rejects.jsonl")))
 
 
 def _dist_initialized() -> bool:
@@ -129,7 +144,7 @@ def phase_rank(task: PhaseTask) -> dict:
 
         key = os.environ.get(side.api_key_env) if side.api_key_env else None
         backend = OpenAIBackend(side.base_urls, model=side.model, api_key=key, timeout_s=side.timeout_s,
-                                concurrency=side.concurrency)
+                                concurrency=side.concurrency, max_retries=side.max_retries)
         rank0, share = True, None
     try:
         phase = answer_phase if task.role == "policy" else judge_phase

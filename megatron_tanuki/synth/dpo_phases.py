@@ -13,8 +13,8 @@ import time
 from dataclasses import dataclass
 
 from megatron_tanuki.synth.backend import TurnRequest, run_requests
-from megatron_tanuki.synth.dpo_spec import (EMPTY, IDENTICAL, TRUNCATED, DpoSpec, answer_seed, decide, iter_questions,
-                                            judge_seed, parse_verdict)
+from megatron_tanuki.synth.dpo_spec import (PERMANENT_ERRORS, REQUEST, DpoSpec, answer_seed, decide, iter_questions,
+                                            judge_seed, parse_verdict, unjudgeable)
 
 
 @dataclass
@@ -66,7 +66,8 @@ class _Phase:
         if res.finish_reason == "error":
             kind = res.error_kind or "error"
             self.errors[kind] = self.errors.get(kind, 0) + 1
-            self.first_error = self.first_error or res.error
+            if kind not in PERMANENT_ERRORS:
+                self.first_error = self.first_error or res.error
 
     def tick(self) -> None:
         if not self.show or time.monotonic() - self.last < 10:
@@ -86,15 +87,17 @@ class _Phase:
                "errors": dict(self.errors), "seconds": round(el, 3),
                **{f"{k}_tokens": v for k, v in self.tokens.items()},
                "tokens_per_s": round(self.tokens["completion"] / max(el, 1e-9), 2)}
-        if self.errors and self.rank0:
-            print(f"[dpo] {self.name}: {sum(self.errors.values())} requests failed ({self.first_error}); "
+        if self.counts.get("failed") and self.rank0:
+            print(f"[dpo] {self.name}: {self.counts['failed']} questions failed ({self.first_error}); "
                   "nothing was written for them: a rerun asks again", file=sys.stderr, flush=True)
         return out
 
     def completed(self, requests, pending: dict):
-        """(question id, its entry of ``pending``) for every question whose requests (keys ending
-        ``:<index>``) have all returned without error, in finishing order; a question with a failed
-        request is counted "failed" and not yielded. The progress line ticks after each."""
+        """(question id, its entry of ``pending``, None) for every question whose requests (keys ending
+        ``:<index>``) have all returned without error, in finishing order; (id, entry, message) when one
+        could not be served (a PERMANENT_ERRORS kind: the caller rejects the question); a question with
+        another failed request is counted "failed" and not yielded (a rerun asks again). The progress
+        line ticks after each."""
         for res in run_requests(self.backend, requests):
             qid, _, k = res.key.rsplit(":", 2)
             entry = pending[qid]
@@ -104,10 +107,12 @@ class _Phase:
                 continue
             del pending[qid]
             self.finished += 1
-            if any(r.finish_reason == "error" for r in entry["results"]):
+            errors = [r for r in entry["results"] if r.finish_reason == "error"]
+            permanent = next((r for r in errors if r.error_kind in PERMANENT_ERRORS), None)
+            if errors and permanent is None:
                 self.add("failed")
                 continue
-            yield qid, entry
+            yield qid, entry, permanent and (permanent.error or "error").removeprefix(f"{permanent.key}: ")
             self.tick()
 
 
@@ -117,11 +122,13 @@ def answer_phase(spec: DpoSpec, task: PhaseTask, backend, rank0: bool, share) ->
     from megatron_tanuki.inference.generate import Writer
 
     path = os.path.join(task.out, "answers.jsonl")
-    done = _done_ids([path], rank0, share)
+    rejects_path = os.path.join(task.out, "rejects.jsonl")
+    done = _done_ids([path, rejects_path], rank0, share)
     questions = list(iter_questions(spec, task.limit))
     skipped = sum(1 for qid, _ in questions if qid in done)
     ph = _Phase("policy answers", task, backend, rank0, len(questions), skipped)
     writer = Writer(path) if rank0 else None
+    rejects = Writer(rejects_path) if rank0 else None
     pending: dict[str, dict] = {}
     system = [{"role": "system", "content": spec.policy.system}] if spec.policy.system is not None else []
     s = spec.sampling
@@ -140,8 +147,14 @@ def answer_phase(spec: DpoSpec, task: PhaseTask, backend, rank0: bool, share) ->
         print(f"[dpo] policy answers ({spec.policy.name}): {len(questions) - skipped} questions to answer, "
               f"{skipped} answered before", flush=True)
     try:
-        for qid, entry in ph.completed(requests(), pending):
+        for qid, entry, error in ph.completed(requests(), pending):
             results = entry["results"]
+            if error is not None:
+                ph.add(REQUEST)
+                if rejects is not None:
+                    rejects.write({"id": qid, "reason": REQUEST, "side": "policy", "error": error,
+                                   "prompt": entry["prompt"], "policy": spec.policy.name})
+                continue
             ph.add("answered")
             if writer is not None:
                 writer.write({"id": qid, "prompt": entry["prompt"], "answers": [r.text.strip() for r in results],
@@ -149,21 +162,65 @@ def answer_phase(spec: DpoSpec, task: PhaseTask, backend, rank0: bool, share) ->
                               "seeds": [answer_seed(qid, k) for k in range(spec.answers)],
                               "policy": spec.policy.name, "sampling": dict(s)})
     finally:
-        if writer is not None:
-            writer.close()
+        for w in (writer, rejects):
+            if w is not None:
+                w.close()
     return ph.report()
+
+
+def undecided_answers(spec: DpoSpec, out: str, limit, done: set):
+    """The records of OUT/answers.jsonl the judge phase would take: wanted (the questions, at most
+    ``limit``), not in ``done`` (decided), the first record of an id."""
+    from megatron_tanuki.synth.store import iter_records
+
+    path = os.path.join(out, "answers.jsonl")
+    if not os.path.exists(path):
+        return
+    wanted = {qid for qid, _ in iter_questions(spec, limit)}
+    seen: set[str] = set()
+    for _, rec in iter_records(path):
+        if rec["id"] in wanted and rec["id"] not in done and rec["id"] not in seen:
+            seen.add(rec["id"])
+            yield rec
+
+
+def reject_unjudgeable(spec: DpoSpec, out: str, limit) -> dict:
+    """Rank 0, before the judge is placed: write the rejects of answered questions the judge would not
+    be asked about (empty, truncated, identical answers), so a judge is loaded only for real work.
+    Returns the count per reason."""
+    from megatron_tanuki.inference.generate import Writer
+
+    rejects_path = os.path.join(out, "rejects.jsonl")
+    done = _done_ids([os.path.join(out, "pairs.jsonl"), rejects_path], True, None)
+    found = [(rec, reason) for rec in undecided_answers(spec, out, limit, done)
+             if (reason := unjudgeable(rec, spec.allow_truncated)) is not None]
+    counts: dict = {}
+    if found:
+        writer = Writer(rejects_path)
+        try:
+            for rec, reason in found:
+                counts[reason] = counts.get(reason, 0) + 1
+                writer.write(_reject_record(rec, reason))
+        finally:
+            writer.close()
+    return counts
+
+
+def _reject_record(rec: dict, reason: str, judged: dict | None = None, error: str | None = None) -> dict:
+    return {"id": rec["id"], "reason": reason, **({"side": "judge", "error": error} if error is not None else {}),
+            "prompt": rec["prompt"], "answers": rec["answers"], "finish_reasons": rec["finish_reasons"],
+            "policy": rec.get("policy"), **({"judge": judged} if judged else {})}
 
 
 def judge_phase(spec: DpoSpec, task: PhaseTask, backend, rank0: bool, share) -> dict:
     """Phase 2: every answered question not yet decided is judged twice, the answers in both orders
     (the two requests submitted together, temperature 0); the pair or the reject is written when both
-    verdicts are in. Empty, truncated and identical answers are rejected without asking the judge."""
+    verdicts are in. Empty, truncated and identical answers are rejected without asking the judge
+    (reject_unjudgeable does it before the judge loads; a question it missed is caught here)."""
     from megatron_tanuki.inference.generate import Writer
-    from megatron_tanuki.synth.store import iter_records
 
     pairs_path = os.path.join(task.out, "pairs.jsonl")
     rejects_path = os.path.join(task.out, "rejects.jsonl")
-    answers_path = os.path.join(task.out, "answers.jsonl")
     done = _done_ids([pairs_path, rejects_path], rank0, share)
     wanted = {qid for qid, _ in iter_questions(spec, task.limit)}
     skipped = len(wanted & done)
@@ -173,12 +230,10 @@ def judge_phase(spec: DpoSpec, task: PhaseTask, backend, rank0: bool, share) -> 
     pending: dict[str, dict] = {}
     seen: set[str] = set()
 
-    def reject(rec: dict, reason: str, judged: dict | None = None) -> None:
+    def reject(rec: dict, reason: str, judged: dict | None = None, error: str | None = None) -> None:
         ph.add(reason)
         if rejects is not None:
-            rejects.write({"id": rec["id"], "reason": reason, "prompt": rec["prompt"], "answers": rec["answers"],
-                           "finish_reasons": rec["finish_reasons"], "policy": rec.get("policy"),
-                           **({"judge": judged} if judged else {})})
+            rejects.write(_reject_record(rec, reason, judged, error))
 
     def judge_request(rec: dict, order: int) -> TurnRequest:
         a, b = rec["answers"] if order == 0 else rec["answers"][::-1]
@@ -189,33 +244,26 @@ def judge_phase(spec: DpoSpec, task: PhaseTask, backend, rank0: bool, share) -> 
                            max_tokens=spec.judge_max_tokens, seed=judge_seed(rec["id"], order))
 
     def requests():
-        if not os.path.exists(answers_path):
-            return
-        for _, rec in iter_records(answers_path):
-            qid = rec["id"]
-            if qid not in wanted or qid in done or qid in seen:
+        for rec in undecided_answers(spec, task.out, task.limit, done):
+            seen.add(rec["id"])
+            reason = unjudgeable(rec, spec.allow_truncated)
+            if reason is not None:
+                reject(rec, reason)
+                ph.finished += 1
                 continue
-            seen.add(qid)
-            answers = rec["answers"]
-            if any(not a for a in answers):
-                reject(rec, EMPTY)
-            elif not spec.allow_truncated and "length" in rec["finish_reasons"]:
-                reject(rec, TRUNCATED)
-            elif len(set(answers)) < len(answers):
-                reject(rec, IDENTICAL)
-            else:
-                pending[qid] = {"rec": rec, "results": [None, None]}
-                yield judge_request(rec, 0)
-                yield judge_request(rec, 1)
-                continue
-            ph.finished += 1
+            pending[rec["id"]] = {"rec": rec, "results": [None, None]}
+            yield judge_request(rec, 0)
+            yield judge_request(rec, 1)
 
     if rank0:
         print(f"[dpo] judge verdicts ({spec.judge.name}): {len(wanted) - skipped} questions to decide, "
               f"{skipped} decided before", flush=True)
     try:
-        for qid, entry in ph.completed(requests(), pending):
+        for qid, entry, error in ph.completed(requests(), pending):
             results, rec = entry["results"], entry["rec"]
+            if error is not None:
+                reject(rec, REQUEST, error=error)
+                continue
             verdicts = [parse_verdict(r.text) for r in results]
             judged = {"model": spec.judge.name, "verdicts": verdicts, "judgments": [r.text for r in results]}
             winner, reason = decide(verdicts)

@@ -21,7 +21,7 @@ DPO_KEYS = {"questions", "question_field", "policy", "judge", "answers", "policy
             "judge_prompt", "allow_truncated", "out"}
 ENGINE_KEYS = {"ckpt", "chat", "tp", "pp", "ep", "dtype", "fp8", "tokenizer", "kv_memory_gb", "max_seq_len",
                "max_tokens_per_step"}
-HTTP_KEYS = {"base_url", "model", "api_key_env", "concurrency", "timeout_s"}
+HTTP_KEYS = {"base_url", "model", "api_key_env", "concurrency", "timeout_s", "max_retries"}
 # what decides a side's text (an output folder belongs to one choice); where and how it runs may change
 IDENTITY_KEYS = ("name", "ckpt", "chat", "system", "model")
 
@@ -44,7 +44,16 @@ VERDICT = re.compile(r"\[\[([ABC])\]\]")
 # reject reasons, in the order they are checked
 IDENTICAL, EMPTY, TRUNCATED = "identical answers", "empty answer", "truncated answer"
 UNPARSEABLE, TIE, INCONSISTENT = "unparseable verdict", "tie", "inconsistent"
-REASONS = (EMPTY, TRUNCATED, IDENTICAL, UNPARSEABLE, TIE, INCONSISTENT)
+REQUEST = "request error"            # the policy or judge refused the request itself (the record says why)
+REASONS = (REQUEST, EMPTY, TRUNCATED, IDENTICAL, UNPARSEABLE, TIE, INCONSISTENT)
+
+# Error kinds that say the request itself cannot be served, so asking again gives the same answer: our
+# engine's "request" (e.g. a prompt longer than the context), an HTTP client error about the body (400 bad
+# request -- vLLM's and OpenAI's answer to a prompt over the context --, 413 too large, 422 unprocessable),
+# and an HTTP client error of the backend itself ("request"). Such a question is rejected for good. Every
+# other kind -- 5xx, 429, timeouts, connection, an engine failure, and 401/403/404 (a configuration to fix,
+# not the question's fault) -- leaves the question undecided: a rerun asks again.
+PERMANENT_ERRORS = frozenset({"request", "http_400", "http_413", "http_422"})
 
 
 # ------------------------------------------------------------------------------ the dpo section
@@ -71,6 +80,7 @@ class Side:
     api_key_env: str | None = None
     concurrency: int = 32
     timeout_s: float = 600.0
+    max_retries: int = 8                 # a server's transient errors (5xx, 429, connection) tried again
 
     @property
     def engine(self) -> bool:
@@ -85,7 +95,9 @@ class Side:
 class DpoSpec:
     recipe: object                       # the Recipe
     questions: str                       # an output folder of `tanuki synth run`, or a JSONL file
-    question_field: str | None           # JSONL only: the question's field
+    question_field: str | None           # a JSONL file of plain lines: the question's field; None: synth records
+    question_files: list                 # what is read: filtered/data.jsonl, data/*.jsonl or the file
+    filtered: bool                       # question_files is `tanuki synth filter`'s: only its keep: true rows
     policy: Side
     judge: Side
     answers: int
@@ -107,16 +119,17 @@ def load_dpo(path: str) -> DpoSpec:
     questions = _path(base, r.string(d["questions"], "dpo.questions"))
     if not os.path.exists(questions):
         raise r.error("dpo.questions", f"{questions}: not found (an output folder of `tanuki synth run`, or a "
-                      "JSONL file with question_field)")
+                      "JSONL file: synth records, or lines with question_field)")
     qfield = d.get("question_field")
     if os.path.isdir(questions):
         if qfield is not None:
             raise r.error("dpo.question_field", "applies to a JSONL file; a synth output folder gives the first "
                           "user message of every record")
-        if not os.path.isdir(os.path.join(questions, "data")):
-            raise r.error("dpo.questions", f"{questions}: not an output folder of `tanuki synth run` (no data/)")
+        files, filtered = _synth_folder(r, questions)
     else:
-        qfield = r.string(qfield if qfield is not None else "question", "dpo.question_field")
+        files, filtered = [questions], False
+        if qfield is not None or not _synth_shaped(questions):
+            qfield = r.string(qfield if qfield is not None else "question", "dpo.question_field")
     answers = d.get("answers", 2)
     if answers != 2 or isinstance(answers, bool):
         raise r.error("dpo.answers", f"{answers!r}: only 2 (the judge compares a pair)")
@@ -141,9 +154,36 @@ def load_dpo(path: str) -> DpoSpec:
                 **{role: {k: d[role].get(k) for k in IDENTITY_KEYS} for role in ("policy", "judge")}}
     digest = hashlib.sha256(json.dumps(identity, sort_keys=True, ensure_ascii=False, default=str).encode()
                             ).hexdigest()[:16]
-    return DpoSpec(recipe=recipe, questions=questions, question_field=qfield, policy=policy, judge=judge,
+    return DpoSpec(recipe=recipe, questions=questions, question_field=qfield, question_files=files,
+                   filtered=filtered, policy=policy, judge=judge,
                    answers=answers, sampling=sampling, judge_max_tokens=jmax, judge_system=system, judge_user=user,
                    allow_truncated=allow, out=out, hash=digest)
+
+
+def _synth_folder(r: Reader, folder: str) -> tuple[list[str], bool]:
+    """The files holding a `tanuki synth run` folder's questions, as `tanuki synth export` reads them:
+    OUT/filtered/data.jsonl when the folder has been filtered (a filter that no longer covers data/ is
+    refused), else OUT/data/*.jsonl."""
+    from megatron_tanuki.synth.export import ExportError, check_fresh, filter_summary, row_sources
+
+    if not os.path.isdir(os.path.join(folder, "data")):
+        raise r.error("dpo.questions", f"{folder}: not an output folder of `tanuki synth run` (no data/)")
+    try:
+        files, filtered = row_sources(folder)
+        if filtered:
+            check_fresh(folder, filter_summary(folder))
+    except ExportError as e:
+        raise r.error("dpo.questions", f"{e} (a filtered folder's questions are the rows `tanuki synth filter` "
+                      "kept)") from None
+    return files, filtered
+
+
+def _synth_shaped(path: str) -> bool:
+    """Whether a JSONL file holds synth records (its first record has "messages")."""
+    from megatron_tanuki.synth.store import iter_records
+
+    first = next(iter_records(path), (0, None))[1]
+    return isinstance(first, dict) and "messages" in first
 
 
 def _path(base: str, p: str) -> str:
@@ -162,10 +202,11 @@ def _side(r: Reader, value, role: str, base: str) -> Side:
         if k in (HTTP_KEYS if "ckpt" in d else ENGINE_KEYS):
             raise r.error(f"{where}.{k}", f"belongs to {'base_url (a server)' if 'ckpt' in d else 'ckpt (the engine)'}")
     s = Side(role=role, name="")
-    for k in ("tp", "pp", "ep", "max_seq_len", "max_tokens_per_step", "concurrency"):
+    for k in ("tp", "pp", "ep", "max_seq_len", "max_tokens_per_step", "concurrency", "max_retries"):
         if k in d:
-            if not isinstance(d[k], int) or isinstance(d[k], bool) or d[k] < 1:
-                raise r.error(f"{where}.{k}", f"{d[k]!r}: a positive integer")
+            if not isinstance(d[k], int) or isinstance(d[k], bool) or d[k] < (0 if k == "max_retries" else 1):
+                raise r.error(f"{where}.{k}", f"{d[k]!r}: a {'non-negative' if k == 'max_retries' else 'positive'} "
+                              "integer")
             setattr(s, k, d[k])
     for k in ("kv_memory_gb", "timeout_s"):
         if k in d:
@@ -248,31 +289,28 @@ def judge_seed(qid: str, order: int) -> int:
 
 
 def iter_questions(spec: DpoSpec, limit: int | None = None, counts: dict | None = None):
-    """(id, question) in source order: the first user message of every record of a synth output folder
-    (its id), or ``question_field`` of every line of a JSONL file (its ``id``, else a hash of the text).
-    A repeated id is skipped (counted in ``counts["duplicate_questions"]``); at most ``limit``."""
-    from megatron_tanuki.synth.store import iter_records
+    """(id, question) in source order: the first user message of every synth record -- a `tanuki synth
+    run` output folder (only the rows `tanuki synth filter` kept, when it has been filtered) or a JSONL
+    file of such records -- with its ``id`` (in a file: else a hash of the text), or ``question_field`` of
+    every line of a plain JSONL file (its ``id``, else a hash of the text). A repeated id is skipped
+    (counted in ``counts["duplicate_questions"]``); at most ``limit``."""
+    from megatron_tanuki.synth.export import ExportError, iter_rows
 
     where = f"{spec.recipe.path}: dpo.questions"
-    if os.path.isdir(spec.questions):
-        folder = os.path.join(spec.questions, "data")
-        files = [os.path.join(folder, f) for f in sorted(os.listdir(folder)) if f.endswith(".jsonl")]
-    else:
-        files = [spec.questions]
+    in_folder = os.path.isdir(spec.questions)
     seen, n = set(), 0
-    for path in files:
-        for line, rec in iter_records(path):
-            if not isinstance(rec, dict):
-                raise ValueError(f"{where}: {path}:{line}: not a JSON object")
+    try:
+        for path, line, rec, keep in iter_rows(spec.question_files, spec.filtered):
+            if not keep:
+                continue
             if spec.question_field is None:
                 text = next((m.get("content") for m in rec.get("messages") or []
                              if isinstance(m, dict) and m.get("role") == "user"), None)
-                qid = rec.get("id")
-                what = "a synth record (\"id\" and a user message)"
+                what = "a synth record (\"id\" and a user message)" if in_folder else "a record with a user message"
             else:
                 text = rec.get(spec.question_field)
-                qid = rec.get("id", hashlib.sha256(str(text).encode()).hexdigest()[:16])
                 what = f"a line with a string field {spec.question_field!r}"
+            qid = rec.get("id") if in_folder else rec.get("id", hashlib.sha256(str(text).encode()).hexdigest()[:16])
             if not isinstance(text, str) or not text.strip() or qid is None or isinstance(qid, (dict, list)):
                 raise ValueError(f"{where}: {path}:{line}: not {what}")
             qid = str(qid)
@@ -285,6 +323,20 @@ def iter_questions(spec: DpoSpec, limit: int | None = None, counts: dict | None 
             n += 1
             if limit is not None and n >= limit:
                 return
+    except ExportError as e:  # a line that is not an object, a bad keep flag
+        raise ValueError(f"{where}: {e}") from None
+
+
+def unjudgeable(rec: dict, allow_truncated: bool) -> str | None:
+    """The reason a record of answers.jsonl is rejected without asking the judge, or None."""
+    answers = rec["answers"]
+    if any(not a for a in answers):
+        return EMPTY
+    if not allow_truncated and "length" in rec["finish_reasons"]:
+        return TRUNCATED
+    if len(set(answers)) < len(answers):
+        return IDENTICAL
+    return None
 
 
 def parse_verdict(text: str) -> str | None:

@@ -57,12 +57,12 @@ def export_hf_dataset(out_dir: str, dest: str, *, include_rejected: bool = False
     tells them apart) -- for looking at what a threshold removes; needs OUT/filtered. The teacher's
     rejects (OUT/rejects/) are never rows: they are counted on the card. Returns the counts."""
     head, recipe_text = _recipe(out_dir)
-    files, filtered = _sources(out_dir)
+    files, filtered = row_sources(out_dir)
     if include_rejected and not filtered:
         raise ExportError(f"{out_dir}: include_rejected keeps the rows `tanuki synth filter` dropped, and this "
                           "folder has no filtered/data.jsonl (run the filter first)")
-    summary = _filter_summary(out_dir) if filtered else None
-    _check_fresh(out_dir, summary)
+    summary = filter_summary(out_dir) if filtered else None
+    check_fresh(out_dir, summary)
     kinds = _column_kinds(files, filtered, include_rejected)
     if not kinds:
         where = files[0] if filtered else os.path.join(out_dir, "data", "*.jsonl")
@@ -116,7 +116,7 @@ def _recipe(out_dir: str) -> tuple[dict, str]:
             "teacher": str(teacher.get("name", "")) if isinstance(teacher, dict) else ""}, text
 
 
-def _sources(out_dir: str) -> tuple[list[str], bool]:
+def row_sources(out_dir: str) -> tuple[list[str], bool]:
     filtered = os.path.join(out_dir, "filtered")
     if os.path.isdir(filtered):
         path = os.path.join(filtered, "data.jsonl")
@@ -133,7 +133,7 @@ def _sources(out_dir: str) -> tuple[list[str], bool]:
     return files, False
 
 
-def _rows(files: list[str], filtered: bool):
+def iter_rows(files: list[str], filtered: bool):
     """(file, line, record, kept) of every row in order: ``kept`` is the filter's keep flag (True unfiltered)."""
     from megatron_tanuki.synth.store import iter_records
 
@@ -157,7 +157,7 @@ def _count_rejects(out_dir: str) -> int:
                for _ in iter_records(os.path.join(folder, f)))
 
 
-def _filter_summary(out_dir: str):
+def filter_summary(out_dir: str):
     path = os.path.join(out_dir, "filtered", "summary.json")
     if not os.path.isfile(path):
         return None
@@ -168,7 +168,7 @@ def _filter_summary(out_dir: str):
             raise ExportError(f"{path}: not JSON ({e.msg})") from None
 
 
-def _check_fresh(out_dir: str, summary) -> None:
+def check_fresh(out_dir: str, summary) -> None:
     """filtered/ must cover OUT/data as it is now: a run that went on after the filter would otherwise
     lose its new conversations from the export without a word."""
     if not isinstance(summary, dict) or not isinstance(summary.get("rows"), int):
@@ -181,7 +181,7 @@ def _check_fresh(out_dir: str, summary) -> None:
                 now += sum(block.count(b"\n") for block in iter(lambda: f.read(1 << 20), b""))
     if now != summary["rows"]:
         raise ExportError(f"{os.path.join(out_dir, 'filtered')}: filtered {summary['rows']} rows, but data/ holds "
-                          f"{now} now: run `tanuki synth filter` again before exporting")
+                          f"{now} now: run `tanuki synth filter` again before using its rows")
 
 
 # ------------------------------------------------------------------------------ columns
@@ -191,7 +191,7 @@ def _column_kinds(files, filtered: bool, include_rejected: bool) -> dict:
     (string, bool, int, float, strings (a list of strings), json)."""
     kinds: dict[str, str] = {}
     seen = 0
-    for _, _, rec, keep in _rows(files, filtered):
+    for _, _, rec, keep in iter_rows(files, filtered):
         if not keep and not include_rejected:
             continue
         for key, value in rec.items():
@@ -268,7 +268,7 @@ def _is_messages(v) -> bool:
 
 
 def _generate(files: list[str], filtered: bool, include_rejected: bool, kinds: dict, counts: dict):
-    for path, n, rec, keep in _rows(files, filtered):
+    for path, n, rec, keep in iter_rows(files, filtered):
         counts["filtered_out"] += not keep
         if not keep and not include_rejected:
             continue

@@ -4,8 +4,11 @@ The policy's answer names its question and which of the two answers it is (found
 seed, derived here independently: sha256("<id>:<k>")); the judge reads the MT-Bench pair format back
 out of its request and answers from a script keyed by the question's kind, so the test knows which
 questions give consistent verdicts (and which answer must be chosen), ties, inconsistent and
-unparseable verdicts; identical, empty and truncated answers never reach the judge. Failed requests
-write nothing and the rerun asks again; a rerun after that writes nothing; a torn line is redone.
+unparseable verdicts; identical, empty and truncated answers never reach the judge (nor is the judge
+phase started when only they are left). Requests failing for a passing reason (HTTP 500, no retries)
+write nothing and the rerun asks again; a request refused (HTTP 400) rejects its question for good; a
+rerun after that writes nothing; a torn line is redone. Questions come from a synth folder (its
+filtered rows when filtered), a plain JSONL file or a JSONL file of synth records.
 """
 from __future__ import annotations
 
@@ -18,7 +21,7 @@ import threading
 import pytest
 
 from megatron_tanuki.synth.dpo import run_dpo
-from megatron_tanuki.synth.dpo_spec import load_dpo
+from megatron_tanuki.synth.dpo_spec import iter_questions, load_dpo
 from megatron_tanuki.synth.fake_server import FakeServer
 
 # question kind -> how many questions of it
@@ -97,6 +100,8 @@ class World:
         seed = body.get("seed")
         if seed in self.by_seed and self.kind[self.by_seed[seed][0]] == "policyflaky" and self.by_seed[seed][1] == 0 \
                 and self.once(("policy", seed)):
+            return "500"
+        if seed in self.by_seed and self.kind[self.by_seed[seed][0]] == "toolong":
             return "400"
         return None
 
@@ -127,9 +132,10 @@ class World:
         return f"両方を比較しました。最終判定: [[{v}]]", "stop"
 
     def judge_faults(self, n, body):
-        if kind_of(body["messages"][-1]["content"]) == "flaky" and self.once(("judge", body["messages"][-1]["content"])):
-            return "400"
-        return None
+        kind = kind_of(body["messages"][-1]["content"])
+        if kind == "flaky" and self.once(("judge", body["messages"][-1]["content"])):
+            return "500"
+        return "400" if kind == "judgetoolong" else None
 
 
 def write_jsonl(path, rows) -> None:
@@ -167,8 +173,8 @@ def world(tmp_path_factory):
                            latency=lambda n, body: 0.002 * (n % 3)) as judge:
         w.policy_srv, w.judge_srv = policy, judge
         w.recipe = write_recipe(root, f"""  questions: synth_out
-  policy: {{base_url: "{policy.url}"}}
-  judge: {{base_url: "{judge.url}", model: fake-judge}}
+  policy: {{base_url: "{policy.url}", max_retries: 0}}
+  judge: {{base_url: "{judge.url}", model: fake-judge, max_retries: 0}}
   answers: 2
   policy_sampling: {{temperature: 0.7, top_p: 0.95, max_tokens: 64}}
   judge_max_tokens: 256
@@ -237,11 +243,11 @@ def test_pairs_only_from_consistent_verdicts_then_rerun(world):
     # -- counts: exact; the two failed questions are undecided (nothing written), errors by kind
     assert s1["questions"] == len(w.qids) and s1["duplicate_questions"] == 1
     assert s1["pairs"] == 6 and s1["rejected"] == 13
-    assert s1["rejects"] == {"empty answer": 1, "truncated answer": 1, "identical answers": 2,
+    assert s1["rejects"] == {"request error": 0, "empty answer": 1, "truncated answer": 1, "identical answers": 2,
                              "unparseable verdict": 3, "tie": 2, "inconsistent": 4}
     assert s1["undecided"] == 2
-    assert s1["this_run"]["policy"]["errors"] == {"http_400": 1}
-    assert s1["this_run"]["judge"]["errors"] == {"http_400": 2}
+    assert s1["this_run"]["policy"]["errors"] == {"http_500": 1}
+    assert s1["this_run"]["judge"]["errors"] == {"http_500": 2}
     assert s1["this_run"]["policy"]["failed"] == 1 and s1["this_run"]["judge"]["failed"] == 1
     assert json.loads((out / "summary.json").read_text()) == s1
 
@@ -325,3 +331,97 @@ def test_invalid_dpo_section_names_file_and_field(tmp_path, body, where):
         load_dpo(recipe)
     with pytest.raises(ValueError, match=re.escape(recipe) + ": " + where):
         run_dpo(recipe, progress=False)
+
+
+def jsonl_recipe(w, root, name: str, kinds: dict, extra: str = "") -> str:
+    """A recipe over a plain JSONL file of questions {"id": qid, "q": "kind=<kind> ..."} (``kinds``:
+    qid -> kind), asking the world's servers; the policy answers them "回答 <qid> k=<k>"."""
+    write_jsonl(root / "questions.jsonl", [{"id": qid, "q": f"{qid}: kind={kind} は？"} for qid, kind in kinds.items()])
+    for qid, kind in kinds.items():
+        w.by_seed.update({seed_of(qid, k): (qid, k) for k in (0, 1)})
+        w.kind[qid] = kind
+    return write_recipe(root, f"""  questions: questions.jsonl
+  question_field: q
+  policy: {{base_url: "{w.policy_srv.url}", model: fake-policy}}
+  judge: {{base_url: "{w.judge_srv.url}", model: fake-judge}}
+  out: out
+{extra}""", name=name)
+
+
+def test_refused_request_rejects_its_question_once(world, tmp_path):
+    """An HTTP 400 (a prompt over the context) is the question's fault: rejected with the side and the
+    server's message, on the policy's side and on the judge's; a rerun asks nothing for them."""
+    w = world
+    recipe = jsonl_recipe(w, tmp_path, "refused", {"long-policy": "toolong", "long-judge": "judgetoolong",
+                                                   "fine": "first"})
+    n_policy, n_judge = w.policy_srv.requests, w.judge_srv.requests
+    s1 = run_dpo(recipe, progress=False)
+    assert w.policy_srv.errors == [] and w.judge_srv.errors == []
+    assert (w.policy_srv.requests - n_policy, w.judge_srv.requests - n_judge) == (6, 4)   # a 400 is not retried
+    out = tmp_path / "out"
+    assert sorted(by_id(read_jsonl(out / "pairs.jsonl"))) == ["fine"]
+    rejects = by_id(read_jsonl(out / "rejects.jsonl"))
+    assert sorted(rejects) == ["long-judge", "long-policy"]
+    refused = "/chat/completions: HTTP 400: fake: injected bad request"
+    policy, judge = rejects["long-policy"], rejects["long-judge"]
+    assert (policy["reason"], policy["side"], policy["error"]) == ("request error", "policy", w.policy_srv.url + refused)
+    assert (judge["reason"], judge["side"], judge["error"]) == ("request error", "judge", w.judge_srv.url + refused)
+    assert "answers" not in policy and judge["answers"] == ["回答 long-judge k=0", "回答 long-judge k=1"]
+    assert (s1["pairs"], s1["rejected"], s1["undecided"], s1["rejects"]["request error"]) == (1, 2, 0, 2)
+    policy_run, judge_run = s1["this_run"]["policy"], s1["this_run"]["judge"]
+    assert (policy_run["errors"], policy_run["request error"], policy_run["answered"]) == ({"http_400": 2}, 1, 2)
+    assert (judge_run["errors"], judge_run["request error"], judge_run["pairs"]) == ({"http_400": 2}, 1, 1)
+    assert "failed" not in policy_run and "failed" not in judge_run
+
+    files = {f: (out / f).read_bytes() for f in ("answers.jsonl", "pairs.jsonl", "rejects.jsonl")}
+    n_policy, n_judge = w.policy_srv.requests, w.judge_srv.requests
+    s2 = run_dpo(recipe, progress=False)
+    assert (w.policy_srv.requests, w.judge_srv.requests) == (n_policy, n_judge)
+    assert {f: (out / f).read_bytes() for f in files} == files
+    assert {p["note"] for p in s2["this_run"].values()} == {"nothing to do (not started)"}
+
+
+def test_only_unjudgeable_answers_left_starts_no_judge(world, tmp_path):
+    """Every pair identical: rejected before the judge is placed, the judge phase is not started."""
+    w = world
+    recipe = jsonl_recipe(w, tmp_path, "all_same", {"same-a": "same", "same-b": "same", "same-c": "same"})
+    n_policy, n_judge = w.policy_srv.requests, w.judge_srv.requests
+    s = run_dpo(recipe, progress=False)
+    assert (w.policy_srv.requests - n_policy, w.judge_srv.requests - n_judge) == (6, 0)
+    assert s["this_run"]["judge"] == {"questions": 0, "skipped": 0, "finished": 0,
+                                      "note": "nothing to do (not started)", "identical answers": 3}
+    assert (s["pairs"], s["rejected"], s["undecided"], s["rejects"]["identical answers"]) == (0, 3, 0, 3)
+    assert {r["id"]: r["reason"] for r in read_jsonl(tmp_path / "out" / "rejects.jsonl")} == \
+        dict.fromkeys(("same-a", "same-b", "same-c"), "identical answers")
+
+
+def test_questions_from_filtered_folder_and_synth_jsonl(tmp_path):
+    """A filtered synth folder gives only its keep: true rows (a stale filter is refused); a JSONL file
+    of synth records, without question_field, gives every record's first user message."""
+    def record(qid, question):
+        return {"id": qid, "messages": [{"role": "system", "content": "丁寧に"}, {"role": "user", "content": question},
+                                        {"role": "assistant", "content": "答え"},
+                                        {"role": "user", "content": "続き"}]}
+
+    rows = [record("a", "問題A"), record("b", "問題B"), record("c", " 問題C ")]
+    write_jsonl(tmp_path / "synth" / "data" / "shard-00000-of-00001.jsonl", rows)
+    servers = "  policy: {base_url: 'http://127.0.0.1:9/v1'}\n  judge: {base_url: 'http://127.0.0.1:9/v1'}\n"
+    recipe = write_recipe(tmp_path, "  questions: synth\n" + servers)
+    assert list(iter_questions(load_dpo(recipe))) == [("a", "問題A"), ("b", "問題B"), ("c", "問題C")]
+
+    write_jsonl(tmp_path / "synth" / "filtered" / "data.jsonl",
+                [{**r, "keep": r["id"] != "b", "drop_reasons": []} for r in rows])
+    (tmp_path / "synth" / "filtered" / "summary.json").write_text(json.dumps({"rows": 3, "kept": 2}))
+    assert list(iter_questions(load_dpo(recipe))) == [("a", "問題A"), ("c", "問題C")]
+
+    write_jsonl(tmp_path / "synth" / "data" / "shard-00001-of-00002.jsonl", [record("d", "問題D")])
+    with pytest.raises(ValueError, match=re.escape(recipe) + r": dpo.questions: .*filtered: filtered 3 rows, but "
+                       r"data/ holds 4 now.*\(a filtered folder's questions are the rows `tanuki synth filter` kept\)"):
+        load_dpo(recipe)
+
+    no_id = {"messages": [{"role": "user", "content": "問題E"}, {"role": "assistant", "content": "答え"}]}
+    write_jsonl(tmp_path / "chats.jsonl", rows[:2] + [no_id])
+    spec = load_dpo(write_recipe(tmp_path, "  questions: chats.jsonl\n" + servers))
+    assert spec.question_field is None
+    assert list(iter_questions(spec)) == [("a", "問題A"), ("b", "問題B"),
+                                          (hashlib.sha256("問題E".encode()).hexdigest()[:16], "問題E")]

@@ -150,7 +150,7 @@ def test_filtered_export_keeps_the_kept_rows(out, tmp_path):
     with open(os.path.join(src, "data", "shard-00000-of-00002.jsonl"), "a", encoding="utf-8") as f:
         f.write(json.dumps(record(7), ensure_ascii=False) + "\n")
     with pytest.raises(ExportError, match=rf"^{src}/filtered: filtered 7 rows, but data/ holds 8 now: run "
-                                          r"`tanuki synth filter` again before exporting$"):
+                                          r"`tanuki synth filter` again before using its rows$"):
         export_hf_dataset(str(src), str(tmp_path / "stale"))
     assert not (tmp_path / "stale").exists()
 
