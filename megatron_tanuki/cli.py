@@ -25,6 +25,8 @@
     tanuki synth filter OUT_DIR [--dedup] [--lang ja] [--ask-llm CKPT_OR_URL [--threshold P | --keep-top F]]
     tanuki synth merge DIR [DIR ...] --out DIR
     tanuki synth export OUT_DIR --to hf-dataset DEST [--include-rejected] [--overwrite]
+    tanuki preprocess-data --input 'corpus/*.jsonl' --output-prefix data/ja_web [--workers 16] [--json-key text]
+                           [--no-append-eod] [--tokenizer PATH] [--overwrite]
     tanuki upcycle --dense DIR --experts 8 --noise 0.001 --seed 0 --out DIR [--to hf|mcore]
 
 A user error is one line on stderr (exit 2); a crash also keeps its traceback in a
@@ -273,6 +275,19 @@ def cmd_synth_dpo(args) -> int:
     return 0
 
 
+def cmd_preprocess_data(args) -> int:
+    from megatron_tanuki.data.indexed import preprocess
+
+    args.run_dir = os.path.dirname(os.path.abspath(args.output_prefix))
+    r = preprocess(args.input, args.output_prefix, json_key=args.json_key, workers=args.workers,
+                   append_eod=args.append_eod, tokenizer=args.tokenizer, overwrite=args.overwrite)
+    bad = ", ".join(f"{n} {kind}" for kind, n in sorted(r["bad"].items())) or "none"
+    print(f"tanuki preprocess-data: {r['documents']} document(s), {r['tokens']} tokens ({r['dtype']}) from "
+          f"{r['files']} file(s) in {r['seconds']} s ({r['docs_per_s']} docs/s, {r['tokens_per_s']} tokens/s); "
+          f"bad lines: {bad} -> {r['prefix']}.bin/.idx (the path for data.blend: {r['prefix']})")
+    return 0
+
+
 def _synth_parser(sub) -> None:
     sy = sub.add_parser("synth", help="persona-driven synthetic conversations: run, filter, dpo, captions, export")
     ssub = sy.add_subparsers(dest="synth_command", required=True)
@@ -490,6 +505,18 @@ def build_parser() -> argparse.ArgumentParser:
     sv.set_defaults(func=cmd_serve)
 
     _synth_parser(sub)
+
+    pd = sub.add_parser("preprocess-data", help="JSONL -> megatron-core indexed dataset (.bin/.idx) for pretraining")
+    pd.add_argument("--input", action="append", required=True, help="JSONL file or glob (repeat for more)")
+    pd.add_argument("--output-prefix", required=True, help="writes PREFIX_{json-key}_document.bin/.idx (Megatron-LM's names)")
+    pd.add_argument("--json-key", default="text", help="the field holding each document's text")
+    pd.add_argument("--workers", type=int, default=1, help="tokenizer processes")
+    pd.add_argument("--append-eod", action=argparse.BooleanOptionalAction, default=True,
+                    help="end every document with the tokenizer's </s> (default on)")
+    pd.add_argument("--tokenizer", default=None, help="a SentencePiece .model or a folder with tokenizer.json "
+                    "(default: the shipped Tanuki tokenizer)")
+    pd.add_argument("--overwrite", action="store_true", help="replace an existing .bin/.idx")
+    pd.set_defaults(func=cmd_preprocess_data)
 
     tr = sub.add_parser("train", help="pretrain / SFT / VLM stage 1-2 from a YAML config (examples/)")
     launch.add_arguments(tr)
