@@ -4,7 +4,8 @@
   grouped-GEMM experts), which is also what FP8 needs.
 * Otherwise (CPU, or a GPU without TE): the local spec with three swaps -- SDPA as the core
   attention (never the unfused DotProductAttention), our norms (sequence-parallel capable: RMSNorm
-  for Tanuki, LayerNorm1p for Nemotron-4), and, for MoE, the Tanuki router.
+  for Tanuki, LayerNorm1p for Nemotron-4), and, for MoE, the Tanuki router and (``grouped_gemm``)
+  experts as grouped GEMMs (common/grouped_experts.py; SequentialMLP's parameters and checkpoint keys).
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from megatron.core.models.gpt.gpt_layer_specs import (
 )
 from megatron.core.transformer.spec_utils import ModuleSpec
 
+from megatron_tanuki.models.common.grouped_experts import GroupedGemmMLP
 from megatron_tanuki.models.common.norm import LayerNorm1p, TanukiRMSNorm
 from megatron_tanuki.models.common.sdpa_attention import SDPAttention
 from megatron_tanuki.runtime import cpu
@@ -36,15 +38,22 @@ def te_available() -> bool:
 NORMS = {"rmsnorm": ("RMSNorm", TanukiRMSNorm), "layernorm1p": ("LayerNorm", LayerNorm1p)}
 
 
-def _with_router(mlp_builder, router_cls):
-    """Return the MoE builder (a functools.partial of MoELayer) with its router replaced."""
+def _with_moe(mlp_builder, **changes):
+    """Return the MoE builder (a functools.partial of MoELayer) with submodules replaced (router, experts)."""
     subs = mlp_builder.keywords["submodules"]
-    keywords = dict(mlp_builder.keywords, submodules=dataclasses.replace(subs, router=router_cls))
+    keywords = dict(mlp_builder.keywords, submodules=dataclasses.replace(subs, **changes))
     return functools.partial(mlp_builder.func, *mlp_builder.args, **keywords)
 
 
+def grouped_gemm_default(use_te: bool) -> bool:
+    """Grouped-GEMM experts unless asked otherwise: TE's on a TE build, ours on a GPU without TE;
+    SequentialMLP on CPU."""
+    return use_te or (cpu.gpu_present() and not cpu.is_active())
+
+
 def gpt_layer_spec(num_experts: int | None, router_cls=None, use_te: bool | None = None,
-                   te_attention: bool = True, norm: str = "rmsnorm") -> ModuleSpec:
+                   te_attention: bool = True, norm: str = "rmsnorm",
+                   grouped_gemm: bool | None = None) -> ModuleSpec:
     """The transformer layer spec for a GPT-style model, dense or MoE (``norm``: a NORMS key).
 
     ``te_attention=False`` keeps TE's fused linear layers but runs our SDPA core attention: TE has
@@ -71,8 +80,12 @@ def gpt_layer_spec(num_experts: int | None, router_cls=None, use_te: bool | None
             # and checkpoints would not move between the two specs.
             subs.sharded_state_dict_keys_map = {
                 k: v for k, v in subs.sharded_state_dict_keys_map.items() if k != "pre_mlp_layernorm."}
+        if num_experts and grouped_gemm:
+            experts = spec.submodules.mlp.keywords["submodules"].experts
+            spec.submodules.mlp = _with_moe(spec.submodules.mlp, experts=functools.partial(
+                GroupedGemmMLP, *experts.args, **experts.keywords))
     if num_experts and router_cls is not None:
-        spec.submodules.mlp = _with_router(spec.submodules.mlp, router_cls)
+        spec.submodules.mlp = _with_moe(spec.submodules.mlp, router=router_cls)
     return spec
 
 

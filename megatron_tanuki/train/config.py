@@ -32,6 +32,7 @@ class ModelSection:
     recompute_granularity: str | None = None  # None | selective | full
     recompute_num_layers: int | None = None
     moe_aux_loss_coeff: float | None = None  # None: the preset's (0.001 for Tanuki-8x8B)
+    moe_grouped_gemm: bool | None = None  # experts as grouped GEMMs; None: on a GPU yes, on CPU no
     init_checkpoint: str | None = None  # `tanuki convert hf-to-mcore` output or a training checkpoint
 
 

@@ -55,7 +55,8 @@ def _build(cfg: RunConfig, mcfg, layout):
 
     m = cfg.model
     opts = BuildOptions(dtype=m.dtype, fp8=m.fp8, recompute_granularity=m.recompute_granularity,
-                        recompute_num_layers=m.recompute_num_layers, moe_aux_loss_coeff=m.moe_aux_loss_coeff)
+                        recompute_num_layers=m.recompute_num_layers, moe_aux_loss_coeff=m.moe_aux_loss_coeff,
+                        moe_grouped_gemm=m.moe_grouped_gemm)
     chunks = registry.build(mcfg, layout, opts)
     registry.architecture_of(mcfg).set_mode(chunks, cfg.train.mode)
     return chunks

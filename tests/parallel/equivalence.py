@@ -11,9 +11,13 @@ all of them on every rank: that is one rank's (DP=1) computation, replicated -- 
 then adds identical values and divides by twice the tokens, which is exact in floating point. A
 layout gives each DP rank its own contiguous share (a DP=2 layout: each rank different data), so
 the per-token weighting over DP (``calculate_per_token_loss``) is what is compared.
+
+A layout may carry ``moe_grouped_gemm`` (a build option): that layout's experts are then the
+grouped-GEMM module, compared with the reference's (CPU default) SequentialMLP.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import tempfile
@@ -184,8 +188,8 @@ def run(preset: str, layouts: dict[str, dict], aux_loss_coeff: float = 0.01, see
     batches = make_batches(cfg.vocab_size, seed)
     tmp = shared_tmpdir("tanuki-equiv-")
 
-    def build(layout):
-        return build_model(cfg, layout, opts)
+    def build(layout, grouped_gemm=None):
+        return build_model(cfg, layout, dataclasses.replace(opts, moe_grouped_gemm=grouped_gemm))
 
     ref = build(ParallelLayout())
     with torch.no_grad():  # one set of weights for every rank
@@ -199,10 +203,12 @@ def run(preset: str, layouts: dict[str, dict], aux_loss_coeff: float = 0.01, see
 
     results = {}
     for name, layout_dict in layouts.items():
+        layout_dict = dict(layout_dict)
+        grouped_gemm = layout_dict.pop("moe_grouped_gemm", None)  # vs the reference's SequentialMLP
         layout = ParallelLayout(**layout_dict)
         layout.validate(dist.get_world_size(), cfg)
         setup_model_parallel(layout, seed=seed + 1)  # a different seed: init must not matter
-        chunks = build(layout)
+        chunks = build(layout, grouped_gemm)
         load(chunks, f"{tmp}/weights")
         ddp = wrap_ddp(chunks)
         share = dp_share(batches)

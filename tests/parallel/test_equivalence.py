@@ -16,8 +16,10 @@ from tests.parallel import equivalence
 from tests.parallel.equivalence import REL_TOL, TOL, check_grads
 
 DENSE = {"dp2": {}, "tp2": dict(tp=2), "pp2": dict(pp=2)}
-MOE = {"dp2": {}, "ep2": dict(ep=2), "tp2_sp": dict(tp=2, sp=True), "pp2_vpp2": dict(pp=2, vpp=2)}
-DP2 = {"dp2", "ep2"}
+# ep2_grouped: grouped-GEMM experts (torch._grouped_mm) under EP=2 against the SequentialMLP reference
+MOE = {"dp2": {}, "ep2": dict(ep=2), "ep2_grouped": dict(ep=2, moe_grouped_gemm=True),
+       "tp2_sp": dict(tp=2, sp=True), "pp2_vpp2": dict(pp=2, vpp=2)}
+DP2 = {"dp2", "ep2", "ep2_grouped"}
 # tiny dense: embedding, output, final norm + 4 layers x (2 norms, qkv, proj, fc1, fc2) = 27
 # tiny MoE: 3 + 4 x (2 norms, qkv, proj, router, 8 experts x (fc1, fc2)) = 3 + 4 x 21 = 87
 # tiny Nemotron-4: embedding, output, final norm weight + bias + 4 layers x (4 norm tensors, qkv, proj, fc1, fc2)

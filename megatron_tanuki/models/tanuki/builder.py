@@ -52,6 +52,9 @@ class BuildOptions:
     use_te: bool | None = None  # None: TE when available
     moe_aux_loss_coeff: float | None = None  # None: the preset's
     moe_token_dispatcher: str = "alltoall"
+    # Experts as grouped GEMMs (TE's, or ours without TE) vs one GEMM per expert (SequentialMLP);
+    # None: grouped on a GPU, sequential on CPU. The checkpoint keys are the same either way.
+    moe_grouped_gemm: bool | None = None
 
     def torch_dtype(self) -> torch.dtype:
         return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[self.dtype]
@@ -70,6 +73,10 @@ class BuildOptions:
             raise ValueError("fp8_param (FP8 weights) needs fp8 (e4m3 or hybrid)")
 
 
+def grouped_gemm(opts: BuildOptions, use_te: bool) -> bool:
+    return specs.grouped_gemm_default(use_te) if opts.moe_grouped_gemm is None else opts.moe_grouped_gemm
+
+
 def transformer_config(cfg: TanukiConfig, layout: ParallelLayout, opts: BuildOptions,
                        use_te: bool) -> TransformerConfig:
     dtype = opts.torch_dtype()
@@ -84,7 +91,7 @@ def transformer_config(cfg: TanukiConfig, layout: ParallelLayout, opts: BuildOpt
             else opts.moe_aux_loss_coeff,
             moe_router_dtype="fp32",
             moe_token_dispatcher_type=opts.moe_token_dispatcher,
-            moe_grouped_gemm=use_te,
+            moe_grouped_gemm=use_te and grouped_gemm(opts, use_te),  # megatron's flag: TE's grouped MLP
             moe_router_pre_softmax=False,
         )
     fp8 = {}
@@ -153,7 +160,8 @@ def build_model(cfg: TanukiConfig, layout: ParallelLayout, opts: BuildOptions | 
         tcfg.perform_initialization = False
         tcfg.use_cpu_initialization = True
     layer_spec = specs.gpt_layer_spec(cfg.num_experts, TanukiRouter if cfg.router_standardize else None,
-                                      use_te=use_te, te_attention=opts.dtype != "fp32", norm=cfg.normalization)
+                                      use_te=use_te, te_attention=opts.dtype != "fp32", norm=cfg.normalization,
+                                      grouped_gemm=grouped_gemm(opts, use_te))
     final_norm = specs.final_norm(use_te, cfg.normalization)
     model_cls = RewardGPTModel if cfg.reward_outputs else GPTModel
 
