@@ -15,6 +15,8 @@ import shutil
 
 import yaml
 
+from megatron_tanuki.synth.store import whole_lines
+
 
 def _header(folder: str) -> tuple[str, str]:
     path = os.path.join(folder, "recipe.yaml")
@@ -83,16 +85,11 @@ def merge(dirs: list[str], out: str, limit: int | None = None) -> dict:
 
 def _lines(path: str):
     """(line number, record, raw bytes) of a shard file, one line at a time; a torn last line skipped."""
-    with open(path, "rb") as f:
-        for n, raw in enumerate(f, 1):
-            if not raw.endswith(b"\n"):
-                return
-            if not raw.strip():
-                continue
-            try:
-                rec = json.loads(raw)
-            except json.JSONDecodeError:
-                raise ValueError(f"{path}:{n}: not a JSON line") from None
-            if not isinstance(rec, dict):
-                raise ValueError(f"{path}:{n}: not a synth record")
-            yield n, rec, raw
+    for n, raw in whole_lines(path):
+        try:
+            rec = json.loads(raw)
+        except json.JSONDecodeError:
+            raise ValueError(f"{path}:{n}: not a JSON line") from None
+        if not isinstance(rec, dict):
+            raise ValueError(f"{path}:{n}: not a synth record")
+        yield n, rec, raw

@@ -149,15 +149,20 @@ SEED_KEYS = {"source", "field", "weight_field", "limit"}
 TURN_KEYS = {"name", "role", "prompt", "sampling", "stop", "require", "cleanup", "allow_truncated"}
 
 
-def load_recipe(path: str) -> Recipe:
+def _read_yaml(path: str):
+    """(parsed YAML, text) of a recipe file; a missing file or bad YAML names the file."""
     if not os.path.isfile(path):
         raise RecipeError(f"{path}: recipe file not found")
     with open(path, encoding="utf-8") as f:
         text = f.read()
     try:
-        data = yaml.safe_load(text)
+        return yaml.safe_load(text), text
     except yaml.YAMLError as e:
         raise RecipeError(f"{path}: not valid YAML: {e}") from None
+
+
+def load_recipe(path: str) -> Recipe:
+    data, text = _read_yaml(path)
     return parse_recipe(data, path, text)
 
 
@@ -211,14 +216,7 @@ class Section:
 def load_section(path: str, key: str) -> Section:
     """A recipe's ``key:`` section. A full recipe (teacher, seeds, turns) is validated whole; a recipe
     for that tool alone holds only ``name``, ``description`` and the section."""
-    if not os.path.isfile(path):
-        raise RecipeError(f"{path}: recipe file not found")
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        raise RecipeError(f"{path}: not valid YAML: {e}") from None
+    data, text = _read_yaml(path)
     r = Reader(path)
     if isinstance(data, dict) and {"teacher", "seeds", "turns"} & set(data):
         full = parse_recipe(data, path, text)

@@ -151,16 +151,11 @@ def read_ids(path: str, repair: bool = False) -> set[str]:
     if repair:
         cut_torn_tail(path)
     ids = set()
-    with open(path, "rb") as f:
-        for n, raw in enumerate(f, 1):
-            if not raw.endswith(b"\n"):
-                break
-            if not raw.strip():
-                continue
-            try:
-                ids.add(json.loads(raw)["id"])
-            except (json.JSONDecodeError, KeyError, TypeError):
-                raise ValueError(f"{path}:{n}: not a synth record (JSON with an \"id\")") from None
+    for n, raw in whole_lines(path):
+        try:
+            ids.add(json.loads(raw)["id"])
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise ValueError(f"{path}:{n}: not a synth record (JSON with an \"id\")") from None
     return ids
 
 
@@ -182,14 +177,20 @@ def cut_torn_tail(path: str) -> None:
             f.truncate(pos)
 
 
-def iter_records(path: str):
-    """(line number, record) of a JSONL output, a torn last line skipped."""
+def whole_lines(path: str):
+    """(line number, raw bytes) of every non-blank whole line; a torn last line (a kill mid-write) ends it."""
     with open(path, "rb") as f:
         for n, raw in enumerate(f, 1):
             if not raw.endswith(b"\n"):
                 return
             if raw.strip():
-                try:
-                    yield n, json.loads(raw)
-                except json.JSONDecodeError:
-                    raise ValueError(f"{path}:{n}: not a JSON line") from None
+                yield n, raw
+
+
+def iter_records(path: str):
+    """(line number, record) of a JSONL output, a torn last line skipped."""
+    for n, raw in whole_lines(path):
+        try:
+            yield n, json.loads(raw)
+        except json.JSONDecodeError:
+            raise ValueError(f"{path}:{n}: not a JSON line") from None
