@@ -1,5 +1,6 @@
 #!/bin/bash
-# Tanuki-8x8B (continued) pretraining on packed token streams, 2 nodes x 8 H100 by default.
+# Tanuki-8x8B (continued) pretraining from Megatron indexed blends (examples/tanuki_8x8b_pretrain.yaml:
+# make the .bin/.idx with `tanuki preprocess-data` first), 2 nodes x 8 H100 by default.
 #   sbatch slurm/llm_8x8b_pretrain.sh [key=value ...]
 #   DRY_RUN=1 bash slurm/llm_8x8b_pretrain.sh     LOCAL=1 bash slurm/llm_8x8b_pretrain.sh (tiny, CPU, runs/local/pretrain)
 # Output, ranks per node and requeue rules: slurm/common.sh.
@@ -19,10 +20,12 @@ CONFIG=examples/tanuki_8x8b_pretrain.yaml
 if [[ "${LOCAL:-0}" == 1 ]]; then
   RUN=${RUN:-runs/local/pretrain}
   run "$PYTHON" -m megatron_tanuki.cli demo --data-only --workdir "$RUN"
+  run "$PYTHON" -m megatron_tanuki.cli preprocess-data --input "$RUN/data/text.jsonl" --output-prefix "$RUN/data/text" --overwrite
   train pretrain "$CONFIG" model.preset=tanuki-8x8b-tiny model.dtype=fp32 model.init_checkpoint=null \
-    model.recompute_granularity=null "data.train=[$RUN/data/text.jsonl]" data.seq_length=128 \
-    parallel.pp=1 parallel.ep=2 train.global_batch_size=4 train.micro_batch_size=2 train.train_steps=${STEPS:-3} \
-    "checkpoint.dir=$RUN/ckpt" log.tensorboard_dir=null log.interval=1 "$@"
+    model.recompute_granularity=null model.moe_aux_loss_coeff=null "data.blend=[$RUN/data/text]" data.split=90,10,0 \
+    data.seq_length=128 parallel.pp=1 parallel.ep=2 train.global_batch_size=4 train.micro_batch_size=2 \
+    train.train_steps=${STEPS:-3} train.eval_interval=2 train.eval_iters=1 "checkpoint.dir=$RUN/ckpt" \
+    log.tensorboard_dir=null log.interval=1 "$@"
 else
   RUN=${RUN:-runs/tanuki_8x8b_pretrain}
   train pretrain "$CONFIG" "checkpoint.dir=$RUN" "$@"

@@ -31,14 +31,27 @@ def test_demo_loss_falls_over_two_ep_ranks():
 
 @CPU_ONLY
 def test_bench_train_step_runs_on_cpu():
+    """Default run of an MoE preset: both expert paths on one seed and input, and the data wait."""
     r = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "bench_train_step.py"), "--json",
-                        "--iters", "2", "--warmup", "1", "--seq", "32"],
+                        "--layers", "1", "--iters", "1", "--warmup", "1", "--seq", "32", "--batch", "2"],
                        capture_output=True, text=True, timeout=300, check=True)
-    res = json.loads(r.stdout.strip().splitlines()[-1])
-    assert res["preset"] == "tanuki-8x8b-tiny" and res["device"] == "cpu" and res["seq"] == 32
-    assert res["spec"] == "local+sdpa"
-    assert res["step_s"] > 0 and res["tokens_per_s"] > 0 and res["peak_mem_gib"] > 0
-    assert abs(res["tokens_per_s"] - 32 / res["step_s"]) / res["tokens_per_s"] < 0.01
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    paths = out["paths"]
+    assert set(paths) == {"grouped", "sequential"}  # no TE on CPU
+    for name, res in paths.items():
+        assert res["preset"] == "tanuki-8x8b-tiny" and res["device"] == "cpu" and res["seq"] == 32
+        assert res["spec"] == "local+sdpa" and res["path"] == name
+        assert res["step_s"] > 0 and res["tokens_per_s"] > 0 and res["peak_mem_gib"] > 0
+        assert abs(res["tokens_per_s"] - 64 / res["step_s"]) / res["tokens_per_s"] < 0.01
+    g, sq = paths["grouped"], paths["sequential"]
+    assert g["tokens"] == sq["tokens"] == 64
+    assert (g["experts"], sq["experts"]) == ("GroupedGemmMLP", "SequentialMLP")
+    assert g["grouped_kernel"] is True and sq["grouped_kernel"] is None  # CPU fp32: torch._grouped_mm runs
+    assert abs(g["output_sum"] - sq["output_sum"]) <= 1e-6 * abs(sq["output_sum"])  # same block, same math
+    assert out["grouped_vs_sequential"] == round(sq["step_s"] / g["step_s"], 3)
+    d = out["data"]
+    assert d["build_s_per_batch"] >= 0 and d["wait_s_per_step"] >= 0 and d["prefetch_depth"] == 2
+    assert d["batch_shape"] == [2, 32] and d["samples"] >= 2 and d["documents"] > 0
 
 
 def test_model_flops_match_the_h100_probe_accounting():

@@ -90,8 +90,8 @@ class BadRecords:
         return sum(self.reasons.values())
 
     def skip(self, where: str, kind: str, detail: str) -> None:
+        self.first.setdefault(kind, where)  # before the count: summary() reads first[kind] for every counted kind
         self.reasons[kind] += 1
-        self.first.setdefault(kind, where)
         self.log(f"[data] skipped {where}: {detail}")
         self.check(self.total)
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import yaml
 
 MODES = ("pretrain", "sft", "vlm_stage1", "vlm_stage2")
-FORMATS = ("text", "chat", "llava")
+FORMATS = ("text", "chat", "llava", "indexed")
 SCHEDULES = ("cosine", "linear", "constant")
 
 
@@ -49,8 +49,16 @@ class ParallelSection:
 
 @dataclass
 class DataSection:
-    format: str = "llava"  # text (pretraining) | chat (SFT) | llava (VLM)
-    train: list = field(default_factory=list)  # JSONL / JSON files
+    format: str = "llava"  # text | indexed (pretraining) | chat (SFT) | llava (VLM)
+    train: list = field(default_factory=list)  # JSONL / JSON files (text, chat, llava)
+    # indexed: Megatron-LM's --data-path: [weight, prefix, weight, prefix, ...] or [prefix, ...], each prefix
+    # a `tanuki preprocess-data` / Megatron-LM tools/preprocess_data.py output (PREFIX.bin + PREFIX.idx)
+    blend: list = field(default_factory=list)
+    split: str = "969,30,1"  # indexed without data.valid: train,valid,test shares of every dataset
+    # held-out data for validation: files of data.format (text, chat, llava) or a blend (indexed)
+    valid: list = field(default_factory=list)
+    cache_dir: str | None = None  # indexed: sample-index cache (None: Megatron-LM's, beside each dataset)
+    prefetch: int = 2  # steps of batches built ahead of the step in a background thread (0: on the step's path)
     image_folder: str | None = None  # llava: image paths are relative to it
     template: str | None = None  # alpaca | plain | v1 (default by mode)
     tokenizer: str | None = None  # .model or a HF tokenizer folder; None: the shipped Tanuki model
@@ -82,6 +90,15 @@ class TrainSection:
     adam_eps: float = 1e-8
     use_distributed_optimizer: bool = True
     exit_after_steps: int | None = None  # leave (with a checkpoint) after this many steps of this job
+    # validation (when there is held-out data: data.valid, or the valid share of data.split)
+    eval_interval: int | None = None  # steps between evaluations; None: only the final one
+    eval_iters: int = 100  # global batches per evaluation (Megatron-LM's default), the same ones each time
+    # DDP communication (Megatron-LM's settings for large runs); overlap_param_gather needs the
+    # distributed optimizer (GPUs) and overlap_grad_reduce, as in Megatron-LM; bucket size None:
+    # megatron-core's (max(40M, 1M x DP) parameters)
+    overlap_grad_reduce: bool = True
+    overlap_param_gather: bool = True
+    ddp_bucket_size: int | None = None
 
 
 @dataclass
@@ -97,6 +114,9 @@ class CheckpointSection:
 class LogSection:
     interval: int = 10
     tensorboard_dir: str | None = None
+    # debugging a data pipeline: every rank writes what each step fed it (tokens, labels, loss mask,
+    # positions per micro-batch) to DIR/step-NNNNNN-rank-R.pt
+    dump_batches: str | None = None
 
 
 @dataclass
@@ -126,15 +146,32 @@ class RunConfig:
         _choice(source, "train.lr_schedule", t.lr_schedule, SCHEDULES)
         if t.mode.startswith("vlm") and d.format != "llava":
             raise ConfigError(f"{source}: train.mode {t.mode} needs data.format llava, got {d.format}")
-        if t.mode == "pretrain" and d.format != "text":
-            raise ConfigError(f"{source}: train.mode pretrain needs data.format text, got {d.format}")
+        if t.mode == "pretrain" and d.format not in ("text", "indexed"):
+            raise ConfigError(f"{source}: train.mode pretrain needs data.format text or indexed, got {d.format}")
+        if d.format == "indexed" and t.mode != "pretrain":
+            raise ConfigError(f"{source}: data.format indexed is for train.mode pretrain, got {t.mode}")
         if t.train_steps is None and t.epochs is None:
             raise ConfigError(f"{source}: set train.train_steps or train.epochs")
         if t.global_batch_size % t.micro_batch_size:
             raise ConfigError(f"{source}: train.global_batch_size {t.global_batch_size} is not a multiple "
                               f"of train.micro_batch_size {t.micro_batch_size}")
-        if not d.train:
+        if d.format == "indexed":
+            if not d.blend:
+                raise ConfigError(f"{source}: data.format indexed needs data.blend (e.g. [0.7, data/ja_web_text_document, "
+                                  f"0.3, data/code_text_document])")
+            if d.train:
+                raise ConfigError(f"{source}: data.train is for JSONL formats; with data.format indexed use data.blend")
+            if t.train_steps is None:
+                raise ConfigError(f"{source}: data.format indexed needs train.train_steps (Megatron-LM's --train-iters): "
+                                  f"the sample index is built for that many steps")
+        elif not d.train:
             raise ConfigError(f"{source}: data.train lists no files")
+        if t.eval_interval is not None and t.eval_interval <= 0:
+            raise ConfigError(f"{source}: train.eval_interval must be a positive number of steps, got {t.eval_interval}")
+        if t.eval_iters <= 0:
+            raise ConfigError(f"{source}: train.eval_iters must be positive, got {t.eval_iters}")
+        if d.prefetch < 0:
+            raise ConfigError(f"{source}: data.prefetch must be >= 0, got {d.prefetch}")
         return self
 
 

@@ -1,14 +1,19 @@
 """`tanuki train`: the rank-side training loop on megatron-core.
 
-Per step: every rank builds the same global batch of rows (data/stream.py), keeps its DP share,
-cuts it into micro-batches and runs megatron-core's schedule (pipelined / interleaved as the
-layout says); DDP reduces gradients, the (distributed) optimizer steps, the LR scheduler follows.
+Per step: the feed (train/feed.py: JSONL rows through data/stream.py, or megatron-core GPTDataset
+samples for indexed blends) has this rank's micro-batches ready, built ahead in a background thread
+(data/prefetch.py; the progress line reports how long the step waited for them); megatron-core's
+schedule runs them (pipelined / interleaved as the layout says); DDP reduces gradients (overlapped
+with the backward when train.overlap_grad_reduce), the (distributed) optimizer steps, the LR
+scheduler follows. With held-out data, train.eval_interval / eval_iters evaluate the loss and
+perplexity on the same held-out batches each time, and once more at the end.
 Checkpoints hold model, optimizer, scheduler, data position and step, so a restart continues the
 same run bit for bit (same layout) or within fp32 tolerance (another layout).
 """
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import time
@@ -128,21 +133,126 @@ def _hf_vocab_size(init: str | None, tok) -> int:
     return tok.vocab_size
 
 
-def _data(cfg: RunConfig, mcfg, log):
-    from megatron_tanuki.data.records import BadRecords, RecordIndex
-    from megatron_tanuki.data.samples import SampleBuilder
-    from megatron_tanuki.data.stream import RowStream
+class _Data:
+    """The run's data: the training feed, the held-out batches, and how they were made."""
+
+    def __init__(self, tok, feed, bad, image_bad, total_steps: int, describe: str, eval_batches=None,
+                 eval_note: str = ""):
+        self.tok, self.feed, self.bad, self.image_bad = tok, feed, bad, image_bad
+        self.total_steps, self.describe = total_steps, describe
+        self.eval_batches, self.eval_note = eval_batches, eval_note  # () -> iterator of micro-batch lists
+
+
+def _data(cfg: RunConfig, mcfg, dp: int, dp_rank: int, log) -> _Data:
+    from megatron_tanuki.data.records import BadRecords
     from megatron_tanuki.data.tokenizer import load_tokenizer
 
-    d, mode = cfg.data, cfg.train.mode
-    template = d.template or {"vlm_stage1": "plain", "vlm_stage2": "v1"}.get(mode)
-    vision = getattr(mcfg, "num_image_tokens", 0)
+    d, t = cfg.data, cfg.train
     tok = load_tokenizer(d.tokenizer)
-    build = SampleBuilder(d.format, template, tok, d.seq_length, d.image_folder, vision)
     bad = BadRecords(d.max_bad_records, log=log)
-    stream = RowStream(RecordIndex(d.train), build, d.seq_length, cfg.train.seed, pretrain=mode == "pretrain",
-                       pack=d.pack, bad=bad)
-    return tok, stream, bad
+    image_bad = BadRecords(limit=10**12, log=lambda *a: print(f"[rank {dist.get_rank()}]", *a, flush=True))
+    flops = (lambda images: _flops_per_row(mcfg, d.seq_length, images))
+    if d.format == "indexed":
+        return _indexed_data(cfg, tok, bad, image_bad, dp, dp_rank, flops)
+    from megatron_tanuki.data.records import RecordIndex
+    from megatron_tanuki.data.samples import SampleBuilder
+    from megatron_tanuki.data.stream import RowStream
+    from megatron_tanuki.train.feed import RowFeed
+
+    template = d.template or {"vlm_stage1": "plain", "vlm_stage2": "v1"}.get(t.mode)
+    build = SampleBuilder(d.format, template, tok, d.seq_length, d.image_folder, getattr(mcfg, "num_image_tokens", 0))
+    pretrain, packed = t.mode == "pretrain", d.pack and t.mode != "pretrain"
+
+    def feed_of(index, bad_records, images_bad):
+        stream = RowStream(index, build, d.seq_length, t.seed, pretrain=pretrain, pack=d.pack,
+                           bad=bad_records)
+        return RowFeed(stream, t.global_batch_size, t.micro_batch_size, dp, dp_rank, d.seq_length, tok.pad_id,
+                       getattr(mcfg, "image_size", None), images_bad, packed, flops)
+
+    feed = feed_of(RecordIndex(d.train), bad, image_bad)
+    total = t.train_steps or max(1, int(t.epochs * feed.stream.rows_per_epoch() / t.global_batch_size + 0.999))
+    describe = f"{len(feed.stream.index)} records"
+    if not d.valid:
+        return _Data(tok, feed, bad, image_bad, total, describe)
+    valid_index = RecordIndex(d.valid)
+    quiet = BadRecords(limit=10**12, log=lambda *a: None)
+    held_rows = feed_of(valid_index, quiet, quiet).stream.rows_per_epoch()
+    iters = min(t.eval_iters, max(1, held_rows // t.global_batch_size))
+    held_bad = BadRecords(limit=10**12, log=log)  # bad held-out records are named once, at the first evaluation
+
+    def eval_batches():
+        steps = feed_of(valid_index, quiet if eval_batches.named else held_bad, quiet).steps()
+        eval_batches.named = True
+        return (next(steps).micro for _ in range(iters))
+
+    eval_batches.named = False
+
+    note = f"{iters} batches of {t.global_batch_size} rows from {len(valid_index)} held-out records"
+    if held_rows < t.global_batch_size:
+        note += f" (they make {held_rows} rows, fewer than a global batch: rows repeat)"
+    return _Data(tok, feed, bad, image_bad, total, describe, eval_batches, note)
+
+
+def _indexed_data(cfg: RunConfig, tok, bad, image_bad, dp: int, dp_rank: int, flops) -> _Data:
+    from megatron_tanuki.data import blend
+    from megatron_tanuki.train.feed import IndexedFeed, indexed_eval_batches
+
+    d, t = cfg.data, cfg.train
+    train_blend = blend.parse_blend(d.blend, "data.blend")
+    valid_blend = blend.parse_blend(d.valid, "data.valid") if d.valid else None
+    config = blend.gpt_config(tok, t.seed, d.seq_length, train_blend, valid_blend, d.split, d.cache_dir)
+    train_ds, valid_ds, _ = blend.build(
+        config, blend.sizes(t.train_steps, t.global_batch_size, t.eval_iters, t.eval_interval))
+    if train_ds is None or len(train_ds) < t.train_steps * t.global_batch_size:
+        raise ValueError(f"data.blend: the training split has {0 if train_ds is None else len(train_ds)} samples, "
+                         f"fewer than train.train_steps x global_batch_size")
+    feed = IndexedFeed(train_ds, t.global_batch_size, t.micro_batch_size, dp, dp_rank, flops)
+    weights = train_blend[1] or ["size"] * len(train_blend[0])
+    describe = "indexed blend " + ", ".join(f"{w} {os.path.basename(p)}" for w, p in zip(weights, train_blend[0]))
+    if valid_ds is None:
+        return _Data(tok, feed, bad, image_bad, t.train_steps, describe)
+
+    source = "data.valid" if valid_blend else f"the valid share of data.split {d.split}"
+    # an unweighted blend's valid split is at most one pass over its documents (megatron's sizing)
+    iters = min(t.eval_iters, len(valid_ds) // t.global_batch_size)
+    if iters == 0:
+        raise ValueError(f"{source}: {len(valid_ds)} held-out samples of {d.seq_length} tokens, fewer than one "
+                         f"global batch ({t.global_batch_size}); give validation more data")
+
+    def eval_batches():
+        return indexed_eval_batches(valid_ds, iters, t.global_batch_size, t.micro_batch_size, dp, dp_rank)
+
+    fewer = f" (train.eval_iters {t.eval_iters}: the held-out data holds {iters})" if iters < t.eval_iters else ""
+    return _Data(tok, feed, bad, image_bad, t.train_steps, describe, eval_batches,
+                 f"{iters} batches of {t.global_batch_size} samples from {source}{fewer}")
+
+
+def _dump(folder: str, step: int, rank: int, micro) -> None:
+    os.makedirs(folder, exist_ok=True)
+    keep = ("tokens", "labels", "loss_mask", "position_ids")
+    torch.save([{k: getattr(b, k) for k in keep} for b in micro], os.path.join(folder, f"step-{step:06d}-rank-{rank}.pt"))
+
+
+def evaluate(chunks, batches) -> tuple[float, float]:
+    """Held-out loss (token mean over every batch) and perplexity; the same on every rank."""
+    from megatron.core.transformer.moe.moe_logging import get_moe_metrics_tracker
+
+    from megatron_tanuki.train.step import loss_totals, params_gathered_before, resume_param_overlap
+
+    params_gathered_before(chunks)
+    for c in chunks:
+        c.eval()
+    loss_sum = tokens = 0.0
+    with torch.no_grad():
+        for micro in batches:
+            ls, n = loss_totals(chunks, micro, forward_only=True)
+            loss_sum, tokens = loss_sum + ls, tokens + n
+    for c in chunks:
+        c.train()
+    get_moe_metrics_tracker().clear()  # the router's balance statistics are the training steps'
+    resume_param_overlap(chunks)
+    loss = loss_sum / max(tokens, 1.0)
+    return loss, math.exp(min(loss, 80.0))
 
 
 def _flops_per_row(mcfg, seq: int, images: int) -> float:
@@ -182,10 +292,10 @@ def train(cfg: RunConfig) -> dict:
     from megatron.core import parallel_state
 
     from megatron_tanuki.models.checkpoint_meta import META_FILE, meta_json
-    from megatron_tanuki.train.batches import collate
     from megatron_tanuki.runtime.distributed import ParallelLayout, init_distributed
     from megatron_tanuki.train import checkpoint as ckpt
-    from megatron_tanuki.train.step import forward_backward, wrap_ddp
+    from megatron_tanuki.train.step import (Communication, forward_backward, params_gathered_before,
+                                            resume_param_overlap, wrap_ddp)
 
     mcfg = _model_config(cfg)
     from megatron_tanuki.models.registry import language_model
@@ -199,7 +309,6 @@ def train(cfg: RunConfig) -> dict:
     dp = parallel_state.get_data_parallel_world_size()
     dp_rank = parallel_state.get_data_parallel_rank()
     t = cfg.train
-    rows_per_rank = t.global_batch_size // dp
     if layout.sp and cfg.data.seq_length % layout.tp:
         raise ValueError(f"data.seq_length {cfg.data.seq_length} is not divisible by TP={layout.tp}: sequence "
                          f"parallelism splits every sequence across the TP ranks")
@@ -207,12 +316,11 @@ def train(cfg: RunConfig) -> dict:
         raise ValueError(f"train.global_batch_size {t.global_batch_size} is not divisible by DP={dp} x "
                          f"micro_batch_size {t.micro_batch_size}")
 
-    say(f"[train] indexing {len(cfg.data.train)} data file(s) ({cfg.data.format}, seq {cfg.data.seq_length})")
-    tok, stream, bad = _data(cfg, mcfg, log=lambda *a: print(f"[rank {env.rank}]", *a, flush=True) if rank0 else None)
-    image_bad = type(bad)(limit=10**12, log=lambda *a: print(f"[rank {env.rank}]", *a, flush=True))
-    total_steps = t.train_steps or max(1, int(t.epochs * stream.rows_per_epoch() / t.global_batch_size + 0.999))
+    say(f"[train] reading the data ({cfg.data.format}, seq {cfg.data.seq_length})")
+    data = _data(cfg, mcfg, dp, dp_rank, log=lambda *a: print(f"[rank {env.rank}]", *a, flush=True) if rank0 else None)
+    tok, feed, bad, image_bad, total_steps = data.tok, data.feed, data.bad, data.image_bad, data.total_steps
 
-    say(f"[train] {len(stream.index)} records, {total_steps} steps; building {cfg.model.preset} "
+    say(f"[train] {data.describe}, {total_steps} steps; building {cfg.model.preset} "
         f"({cfg.model.dtype}, {layout.describe()})")
     chunks = _build(cfg, mcfg, layout)
     init = cfg.model.init_checkpoint and ckpt.resolve(cfg.model.init_checkpoint)
@@ -227,7 +335,8 @@ def train(cfg: RunConfig) -> dict:
         # no reduce-scatter): on CPU the plain optimizer, whose checkpoint state is reshardable too.
         say("[train] CPU runtime: train.use_distributed_optimizer=true applies on GPUs; using the plain optimizer")
         t.use_distributed_optimizer = False
-    chunks = wrap_ddp(chunks, use_distributed_optimizer=t.use_distributed_optimizer)
+    comm = Communication(t.overlap_grad_reduce, t.overlap_param_gather, t.ddp_bucket_size)
+    chunks = wrap_ddp(chunks, use_distributed_optimizer=t.use_distributed_optimizer, comm=comm)
     root = cfg.checkpoint.dir
     if root:  # another model's / mode's checkpoints in this folder: refuse before resuming or mixing them
         ckpt.check_run_folder(root, cfg.model.preset, t.mode)
@@ -241,7 +350,7 @@ def train(cfg: RunConfig) -> dict:
         path = resume
         common = ckpt.load_training_state(path, chunks, opt, sched, COMMON_KEYS)
         step, consumed = common["step"], common["consumed_rows"]
-        stream.load_state_dict(common["data"])
+        feed.restore(common["data"])
         say(f"[train] resumed from {path} at step {step}")
         if t.override_lr_scheduler:  # the scheduler reads each group's max_lr / min_lr first
             for group in opt.param_groups:
@@ -252,84 +361,115 @@ def train(cfg: RunConfig) -> dict:
     n_trainable = sum(p.numel() for c in chunks for p in c.parameters() if p.requires_grad)
     say(f"[train] {cfg.model.preset} ({t.mode}), layout {layout.describe()} DP={dp} on {env.world_size} "
         f"{'GPUs' if torch.cuda.is_available() else 'CPU ranks'}; {n_trainable:,} trainable parameters on rank 0; "
-        f"{len(stream.index)} records, {total_steps} steps of {t.global_batch_size} rows x {cfg.data.seq_length}")
+        f"{data.describe}, {total_steps} steps of {t.global_batch_size} rows x {cfg.data.seq_length}")
     tb = None
     if rank0 and cfg.log.tensorboard_dir:
         from torch.utils.tensorboard import SummaryWriter
 
         tb = SummaryWriter(cfg.log.tensorboard_dir)
 
+    position = feed.position()  # of the last step consumed: prefetched batches are made again after a restart
+    bad_reasons = dict(bad.reasons)  # likewise the bad records counted up to it
+
     def save():
         dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.model.dtype]
         side = {"files": {"config.yaml": cfg.to_yaml(),
                           META_FILE: meta_json(mcfg, dtype, hf_vocab, source=f"training step {step}")}}
         side["copy"] = [os.path.join(init, d) for d in ("hf", "carried") if init and os.path.isdir(os.path.join(init, d))]
-        common = {"step": step, "data": stream.state_dict(), "consumed_rows": consumed,
-                  "bad_records": dict(bad.reasons)}
+        common = {"step": step, "data": position, "consumed_rows": consumed, "bad_records": bad_reasons}
+        params_gathered_before(chunks)  # the saved weights are the optimizer's latest
         path = ckpt.save(root, step, chunks, opt, sched, common, side, cfg.checkpoint.keep_last,
                          cfg.checkpoint.async_save)
+        resume_param_overlap(chunks)
         say(f"[train] saved {path}")
 
-    image_size = getattr(mcfg, "image_size", None)
+    valid_log = []
+
+    def run_eval(final: bool):
+        t_eval = time.perf_counter()
+        vloss, ppl = evaluate(chunks, data.eval_batches())
+        valid_log.append({"step": step, "loss": vloss, "ppl": ppl})
+        say(f"[eval] step {step:6d}/{total_steps}  valid loss {vloss:8.4f}  ppl {ppl:10.3f}  "
+            f"({data.eval_note}, {time.perf_counter() - t_eval:.1f} s{', final' if final else ''})")
+        if tb:
+            tb.add_scalar("valid/loss", vloss, step)
+            tb.add_scalar("valid/ppl", ppl, step)
+
+    if data.eval_batches:
+        say(f"[train] validation: {data.eval_note}, "
+            + (f"every {t.eval_interval} steps and " if t.eval_interval else "") + "at the end")
+    from megatron_tanuki.data.prefetch import Prefetcher
+
+    prefetch = Prefetcher(feed.steps(), depth=cfg.data.prefetch)
     losses, t0, tokens_window, flops_window, window_t0 = [], time.perf_counter(), 0, 0.0, time.perf_counter()
-    ran = 0
+    ran, window_steps = 0, 0
     last_loss = float("nan")
-    while step < total_steps:
-        rows = stream.next_rows(t.global_batch_size)
-        mine = rows[dp_rank * rows_per_rank:(dp_rank + 1) * rows_per_rank]
-        real_tokens = sum(len(r) for r in mine)  # before padding
-        micro = [collate(mine[i:i + t.micro_batch_size], cfg.data.seq_length, tok.pad_id, image_size,
-                         image_bad, packed=cfg.data.pack and t.mode != "pretrain")
-                 for i in range(0, len(mine), t.micro_batch_size)]
-        for c in chunks:
-            c.zero_grad_buffer()
-        opt.zero_grad()
-        loss = forward_backward(chunks, micro, cfg.data.seq_length, t.micro_batch_size)
-        ok, grad_norm, _ = opt.step()
-        sched.step(increment=1)
-        step += 1
-        ran += 1
-        consumed += t.global_batch_size
-        losses.append(loss)
-        last_loss = loss
-        real = _all_reduce(torch.tensor([real_tokens, image_bad.total],
-                                        dtype=torch.float64), parallel_state.get_data_parallel_group())
-        tokens_window += real[0].item()
-        bad.check(bad.total + int(real[1].item()))
-        flops_window += sum(_flops_per_row(mcfg, cfg.data.seq_length, len(r.images)) for r in rows)
-        balance = _moe_balance_loss(llm.num_layers, len(micro)) if llm.is_moe else None
-        if step % cfg.log.interval == 0 or step == total_steps or step == 1:
-            dt = time.perf_counter() - window_t0
-            lr = opt.param_groups[0]["lr"]
-            eta = (time.perf_counter() - t0) / ran * (total_steps - step)
-            tflops = flops_window / max(dt, 1e-9) / env.world_size / 1e12
-            say(f"[train] step {step:6d}/{total_steps}  loss {loss:8.4f}  lr {lr:.3e}  grad-norm "
-                f"{(grad_norm or 0.0):7.3f}  {tokens_window / dt:9.0f} tokens/s  {tflops:7.3f} TFLOPS/GPU"
-                + (f"  moe-balance {balance:.4f}" if balance is not None else "") + f"  ETA {eta / 60:.1f} min")
-            if tb:
-                tb.add_scalar("train/loss", loss, step)
-                tb.add_scalar("train/lr", lr, step)
-                tb.add_scalar("train/grad_norm", grad_norm or 0.0, step)
-                tb.add_scalar("train/tokens_per_s", tokens_window / dt, step)
-                tb.add_scalar("train/tflops_per_gpu", tflops, step)
-                if balance is not None:
-                    tb.add_scalar("train/moe_load_balancing_loss", balance, step)
-            tokens_window, flops_window, window_t0 = 0, 0.0, time.perf_counter()
-        stop = _all_reduce(torch.tensor([1.0 if stopper.requested else 0.0]))
-        leaving = stop.item() > 0 or (t.exit_after_steps is not None and ran >= t.exit_after_steps)
-        if root and (step == total_steps or leaving or
-                     (cfg.checkpoint.save_interval and step % cfg.checkpoint.save_interval == 0)):
-            save()
-        if leaving:
-            say(f"[train] stopping at step {step} ({'signal' if stop.item() else 'train.exit_after_steps'})")
-            break
+    try:
+        while step < total_steps:
+            item = prefetch.next()
+            if cfg.log.dump_batches:
+                _dump(cfg.log.dump_batches, step + 1, env.rank, item.micro)
+            for c in chunks:
+                c.zero_grad_buffer()
+            opt.zero_grad()
+            loss = forward_backward(chunks, item.micro, cfg.data.seq_length, t.micro_batch_size)
+            ok, grad_norm, _ = opt.step()
+            sched.step(increment=1)
+            step += 1
+            ran += 1
+            window_steps += 1
+            consumed += t.global_batch_size
+            position, bad_reasons = item.position, item.bad_reasons
+            losses.append(loss)
+            last_loss = loss
+            real = _all_reduce(torch.tensor([item.real_tokens, item.image_bad],
+                                            dtype=torch.float64), parallel_state.get_data_parallel_group())
+            tokens_window += real[0].item()
+            bad.check(item.records_bad + int(real[1].item()))
+            flops_window += item.flops
+            balance = _moe_balance_loss(llm.num_layers, len(item.micro)) if llm.is_moe else None
+            if step % cfg.log.interval == 0 or step == total_steps or step == 1:
+                dt = time.perf_counter() - window_t0
+                lr = opt.param_groups[0]["lr"]
+                eta = (time.perf_counter() - t0) / ran * (total_steps - step)
+                tflops = flops_window / max(dt, 1e-9) / env.world_size / 1e12
+                wait_ms = prefetch.take_wait() / window_steps * 1e3
+                say(f"[train] step {step:6d}/{total_steps}  loss {loss:8.4f}  lr {lr:.3e}  grad-norm "
+                    f"{(grad_norm or 0.0):7.3f}  {tokens_window / dt:9.0f} tokens/s  {tflops:7.3f} TFLOPS/GPU"
+                    + (f"  moe-balance {balance:.4f}" if balance is not None else "")
+                    + f"  data-wait {wait_ms:6.1f} ms/step  ETA {eta / 60:.1f} min")
+                if tb:
+                    tb.add_scalar("train/loss", loss, step)
+                    tb.add_scalar("train/lr", lr, step)
+                    tb.add_scalar("train/grad_norm", grad_norm or 0.0, step)
+                    tb.add_scalar("train/tokens_per_s", tokens_window / dt, step)
+                    tb.add_scalar("train/tflops_per_gpu", tflops, step)
+                    tb.add_scalar("train/data_wait_ms", wait_ms, step)
+                    if balance is not None:
+                        tb.add_scalar("train/moe_load_balancing_loss", balance, step)
+                tokens_window, flops_window, window_t0, window_steps = 0, 0.0, time.perf_counter(), 0
+            stop = _all_reduce(torch.tensor([1.0 if stopper.requested else 0.0]))
+            leaving = stop.item() > 0 or (t.exit_after_steps is not None and ran >= t.exit_after_steps)
+            # a signal leaves at once (Slurm's grace is for the checkpoint, not for an evaluation)
+            if data.eval_batches and not stop.item() and (
+                    step == total_steps or (t.eval_interval and step % t.eval_interval == 0)):
+                run_eval(final=step == total_steps)
+                window_t0 = time.perf_counter()  # the next throughput window leaves the evaluation out
+            if root and (step == total_steps or leaving or
+                         (cfg.checkpoint.save_interval and step % cfg.checkpoint.save_interval == 0)):
+                save()
+            if leaving:
+                say(f"[train] stopping at step {step} ({'signal' if stop.item() else 'train.exit_after_steps'})")
+                break
+    finally:
+        prefetch.close()
     elapsed = time.perf_counter() - t0
     if root and rank0 and step >= total_steps:
         with open(os.path.join(root, "finished"), "w") as f:  # read by slurm/*.sh (requeue or not)
             f.write(f"{step}\n")
     if tb:
         tb.close()
-    summary = {"steps": step, "ran": ran, "seconds": round(elapsed, 1), "final_loss": last_loss,
+    summary = {"steps": step, "ran": ran, "seconds": round(elapsed, 1), "final_loss": last_loss, "valid": valid_log,
                "losses": losses, "bad_records": bad.summary(), "image_bad_records": image_bad.summary(),
                "checkpoint": ckpt.resolve(root) if root and os.path.exists(os.path.join(root, ckpt.LATEST)) else None}
     say(f"[train] done: {step}/{total_steps} steps in {elapsed:.0f} s, final loss {last_loss:.4f}; "

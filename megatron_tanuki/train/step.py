@@ -55,21 +55,44 @@ class Batch:
 
 
 def configure_for_training(chunks: list, per_token_loss: bool = True) -> None:
-    """Set the schedule hooks megatron-core reads from the model config."""
+    """Set the schedule hooks megatron-core reads from the model config (as Megatron-LM's
+    training.py sets them): with overlapped gradient reduction the schedule starts each chunk's
+    reduction when its last micro-batch's backward is done (``grad_sync_func``), and with
+    overlapped parameter gathering it starts the next chunk's all-gather early (``param_sync_func``)."""
     cfg = chunks[0].config
     cfg.calculate_per_token_loss = per_token_loss
     cfg.finalize_model_grads_func = finalize_model_grads
     if isinstance(chunks[0], DistributedDataParallel):
-        cfg.no_sync_func = [c.no_sync for c in chunks] if len(chunks) > 1 else chunks[0].no_sync
-        cfg.grad_sync_func = None
+        one = (lambda fns: fns if len(fns) > 1 else fns[0])
+        ddp = chunks[0].ddp_config
+        cfg.no_sync_func = one([c.no_sync for c in chunks])
+        cfg.grad_sync_func = one([c.start_grad_sync for c in chunks]) if ddp.overlap_grad_reduce else None
+        cfg.param_sync_func = (one([c.start_param_sync for c in chunks])
+                               if ddp.overlap_param_gather and ddp.align_param_gather else None)
+
+
+@dataclass
+class Communication:
+    """DDP settings (train.overlap_grad_reduce, overlap_param_gather, ddp_bucket_size)."""
+
+    overlap_grad_reduce: bool = False
+    overlap_param_gather: bool = False
+    bucket_size: int | None = None
 
 
 def wrap_ddp(chunks: list, overlap_grad_reduce: bool = False,
-             use_distributed_optimizer: bool = False) -> list:
-    """megatron-core DDP around each model chunk (contiguous fp32 grad buffers)."""
+             use_distributed_optimizer: bool = False, comm: Communication | None = None) -> list:
+    """megatron-core DDP around each model chunk (contiguous fp32 grad buffers). Parameter gathering
+    is overlapped only with the distributed optimizer (there is nothing to gather without it)."""
+    comm = comm or Communication(overlap_grad_reduce=overlap_grad_reduce)
     configure_for_training(chunks)  # DDP reads calculate_per_token_loss when it is built
+    # as Megatron-LM: parameter gathering overlaps only together with gradient reduction, and the
+    # schedule aligns the gathers (param_sync_func) only with virtual pipeline chunks -- without them
+    # the forward pre-hooks dispatch each bucket's all-gather ahead of its use themselves
+    gather = comm.overlap_param_gather and comm.overlap_grad_reduce and use_distributed_optimizer
     ddp_cfg = DistributedDataParallelConfig(
-        grad_reduce_in_fp32=True, overlap_grad_reduce=overlap_grad_reduce,
+        grad_reduce_in_fp32=True, overlap_grad_reduce=comm.overlap_grad_reduce, overlap_param_gather=gather,
+        align_param_gather=gather and len(chunks) > 1, bucket_size=comm.bucket_size,
         use_distributed_optimizer=use_distributed_optimizer)
     wrapped = [
         DistributedDataParallel(c.config, ddp_cfg, c, disable_bucketing=(i > 0))
@@ -77,6 +100,21 @@ def wrap_ddp(chunks: list, overlap_grad_reduce: bool = False,
     ]
     configure_for_training(wrapped)
     return wrapped
+
+
+def params_gathered_before(chunks: list) -> None:
+    """With overlapped parameter gathering the optimizer's update reaches the model only in the next
+    forward's pre-hooks; before an evaluation or a checkpoint the gather is done now, and the hooks
+    are off until ``resume_param_overlap`` (Megatron-LM's disable/enable_forward_pre_hook)."""
+    for c in chunks:
+        if getattr(c, "use_forward_hook", False) and c.remove_forward_pre_hook_handles:
+            c.disable_forward_pre_hook(param_sync=True)
+
+
+def resume_param_overlap(chunks: list) -> None:
+    for c in chunks:
+        if getattr(c, "use_forward_hook", False) and not c.remove_forward_pre_hook_handles:
+            c.enable_forward_pre_hook()
 
 
 def _forward_step(data_iterator, model):
@@ -106,6 +144,13 @@ def forward_backward(chunks: list, microbatches: Iterable[Batch], seq_length: in
     returns the same number. The pipeline's activation shape comes from the micro-batches
     themselves (a packed THD batch is ``[1, rows * seq]``); given sizes must agree with them.
     """
+    loss_sum, tokens = loss_totals(chunks, microbatches, seq_length, micro_batch_size, forward_only)
+    return loss_sum / max(tokens, 1.0)
+
+
+def loss_totals(chunks: list, microbatches: Iterable[Batch], seq_length: int | None = None,
+                micro_batch_size: int | None = None, forward_only: bool = False) -> tuple[float, float]:
+    """(summed token loss, loss tokens) of the global batch, the same on every rank."""
     microbatches = list(microbatches)
     mbs, seq = microbatches[0].tokens.shape
     if (seq_length, micro_batch_size) not in ((None, None), (seq, mbs)) and \
@@ -127,14 +172,14 @@ def forward_backward(chunks: list, microbatches: Iterable[Batch], seq_length: in
     if parallel_state.is_pipeline_last_stage(ignore_virtual=True):
         for item in store:
             totals += item["lm_loss"].double().cpu()
-    return _reduce_mean_loss(totals)
+    return _reduce_totals(totals)
 
 
-def _reduce_mean_loss(totals: torch.Tensor) -> float:
+def _reduce_totals(totals: torch.Tensor) -> tuple[float, float]:
     """Sum (loss, tokens) over DP, then share the last pipeline stage's value with all stages."""
     device = "cpu" if dist.get_backend() == "gloo" else torch.cuda.current_device()
     totals = totals.to(device)
     dist.all_reduce(totals, group=parallel_state.get_data_parallel_group(with_context_parallel=True))
     dist.all_reduce(totals, group=parallel_state.get_pipeline_model_parallel_group())
     loss_sum, tokens = totals.tolist()
-    return loss_sum / max(tokens, 1.0)
+    return loss_sum, tokens

@@ -167,6 +167,13 @@ class TanukiVisionModel(MegatronModule):
                 bsh = text.transpose(0, 1).clone()
                 bsh[is_image] = feats.reshape(-1, feats.shape[-1])
                 text = bsh.transpose(0, 1).contiguous()
+            elif self.training and torch.is_grad_enabled() and self.vision_projection is not None:
+                # A micro-batch without images still touches the trainable projector (a zero gradient):
+                # megatron's overlapped gradient reduction starts a bucket only once every parameter in
+                # it has a gradient from the step's last micro-batch, and would otherwise fail.
+                touched = [p.sum() for p in self.vision_projection.parameters() if p.requires_grad]
+                if touched:
+                    text = text + 0.0 * torch.stack(touched).sum().to(text.dtype)
             if self.sequence_parallel:
                 from megatron.core.tensor_parallel import scatter_to_sequence_parallel_region
 
