@@ -97,6 +97,15 @@ def test_ranks_per_node_come_from_the_allocation(alloc, per_node, note):
         assert f"{message}{per_node} ranks per node" in r.stderr
 
 
+def test_pretrain_local_dry_run_makes_and_trains_on_an_indexed_blend():
+    r = sh("llm_8x8b_pretrain.sh", env={"LOCAL": "1", "DRY_RUN": "1"})
+    assert r.returncode == 0, r.stderr
+    assert ("preprocess-data --input runs/local/pretrain/data/text.jsonl --output-prefix runs/local/pretrain/data/text"
+            in r.stdout)
+    assert "train examples/tanuki_8x8b_pretrain.yaml" in r.stdout
+    assert "data.blend=\\[runs/local/pretrain/data/text\\]" in r.stdout and "train.eval_interval=2" in r.stdout
+
+
 def test_vlm_8x8b_local_dry_run_uses_its_own_folder():
     r = sh("vlm_8x8b.sh", env={"LOCAL": "1", "DRY_RUN": "1"})
     assert r.returncode == 0, r.stderr
