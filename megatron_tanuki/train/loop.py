@@ -385,7 +385,7 @@ def train(cfg: RunConfig) -> dict:
 
     valid_log = []
 
-    def run_eval(final: bool):
+    def run_eval(final: bool) -> float:
         t_eval = time.perf_counter()
         vloss, ppl = evaluate(chunks, data.eval_batches())
         valid_log.append({"step": step, "loss": vloss, "ppl": ppl})
@@ -394,6 +394,7 @@ def train(cfg: RunConfig) -> dict:
         if tb:
             tb.add_scalar("valid/loss", vloss, step)
             tb.add_scalar("valid/ppl", ppl, step)
+        return time.perf_counter() - t_eval
 
     if data.eval_batches:
         say(f"[train] validation: {data.eval_note}, "
@@ -453,8 +454,7 @@ def train(cfg: RunConfig) -> dict:
             # a signal leaves at once (Slurm's grace is for the checkpoint, not for an evaluation)
             if data.eval_batches and not stop.item() and (
                     step == total_steps or (t.eval_interval and step % t.eval_interval == 0)):
-                run_eval(final=step == total_steps)
-                window_t0 = time.perf_counter()  # the next throughput window leaves the evaluation out
+                window_t0 += run_eval(final=step == total_steps)  # throughput leaves the evaluation out
             if root and (step == total_steps or leaving or
                          (cfg.checkpoint.save_interval and step % cfg.checkpoint.save_interval == 0)):
                 save()
