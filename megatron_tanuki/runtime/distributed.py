@@ -198,11 +198,12 @@ def init_distributed(layout: ParallelLayout, model=None, env: LaunchEnv | None =
         if not on_cpu:
             # With one GPU visible per task (--gpus-per-task=1) SLURM_LOCALID may exceed the count.
             torch.cuda.set_device(env.local_rank % torch.cuda.device_count())
+        # One process needs no network rendezvous: a port it would bind could be taken meanwhile.
+        where = (dict(store=dist.HashStore()) if env.world_size == 1
+                 else dict(init_method=f"tcp://{env.master_addr}:{env.master_port}"))
         dist.init_process_group(
-            backend="gloo" if on_cpu else "nccl",
-            init_method=f"tcp://{env.master_addr}:{env.master_port}",
-            rank=env.rank, world_size=env.world_size,
-            timeout=datetime.timedelta(minutes=timeout_minutes))
+            backend="gloo" if on_cpu else "nccl", rank=env.rank, world_size=env.world_size,
+            timeout=datetime.timedelta(minutes=timeout_minutes), **where)
     setup_model_parallel(layout, seed=seed)
     return env
 

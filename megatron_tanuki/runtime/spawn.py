@@ -46,7 +46,6 @@ def run_job(fn, job, nproc: int) -> list:
     if launcher_rank() is not None:
         return [fn(job)]
     if nproc == 1:
-        os.environ.setdefault("MASTER_PORT", str(free_port()))
         return [fn(job)]
     return run_ranks(fn, nproc, dataclasses.replace(job, nproc=nproc))
 
@@ -55,6 +54,16 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _host_store(world_size: int):
+    """A rendezvous store served by this process on 127.0.0.1 (kernel-chosen port) for spawned ranks."""
+    import datetime
+
+    from torch.distributed import TCPStore
+
+    return TCPStore("127.0.0.1", 0, world_size, is_master=True, wait_for_workers=False,
+                    timeout=datetime.timedelta(minutes=30))
 
 
 def _exit_now(code: int) -> None:
@@ -78,7 +87,10 @@ def _entry(local_rank: int, world_size: int, port: int, outdir: str, fn, args, k
     # torch is already imported here (unpickling fn), so OMP_NUM_THREADS alone would not apply.
     torch.set_num_threads(int(env.get("OMP_NUM_THREADS", torch.get_num_threads())))
     os.environ.update(RANK=str(local_rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(local_rank),
-                      LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+                      LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+                      # The parent hosts the rendezvous store (see run_ranks): every rank is its client,
+                      # as under torchrun, whose agent hosts it the same way.
+                      TORCHELASTIC_USE_AGENT_STORE="True")
     path = os.path.join(outdir, f"rank{local_rank}.pkl")
     try:
         result = ("ok", fn(*args, **kwargs))
@@ -104,9 +116,12 @@ def _entry(local_rank: int, world_size: int, port: int, outdir: str, fn, args, k
 def run_ranks(fn, world_size: int, *args, env: dict | None = None, **kwargs) -> list:
     """Run ``fn(*args, **kwargs)`` on ``world_size`` local ranks; return the results by rank."""
     env = {"OMP_NUM_THREADS": "1", **(env or {})}
+    # The store is bound here, on a port the kernel picks, and held until the ranks are done: a port
+    # probed free and handed to rank 0 to bind later can be taken meanwhile (EADDRINUSE under load).
+    store = _host_store(world_size)
     with tempfile.TemporaryDirectory(prefix="tanuki-ranks-") as outdir:
         ctx = mp.start_processes(
-            _entry, args=(world_size, free_port(), outdir, fn, args, kwargs, env),
+            _entry, args=(world_size, store.port, outdir, fn, args, kwargs, env),
             nprocs=world_size, join=False, start_method="spawn")
         try:
             while not ctx.join():

@@ -145,7 +145,7 @@ def serve_rank(opts: ServeOptions) -> dict:
 
 def run(opts: ServeOptions) -> list:
     """Under torchrun/srun: this rank; else ``nproc`` local ranks (default TP*PP*EP)."""
-    from megatron_tanuki.runtime.spawn import free_port, launcher_rank, run_ranks
+    from megatron_tanuki.runtime.spawn import launcher_rank, run_ranks
 
     opts = check_options(opts)
     if launcher_rank() is not None:
@@ -157,7 +157,6 @@ def run(opts: ServeOptions) -> list:
     _bind(opts.host, opts.port).close()  # a busy port fails here, before the model loads
     nproc = opts.nproc or opts.tp * opts.pp * opts.ep
     if nproc == 1:
-        os.environ.setdefault("MASTER_PORT", str(free_port()))
         return [serve_rank(opts)]
     _forward_signals_to_children()
     return run_ranks(serve_rank, nproc, dataclasses.replace(opts, nproc=nproc))
