@@ -252,17 +252,6 @@ def japanese_documents(n: int, seed: int = 0) -> list[str]:
     return docs
 
 
-class _DatasetTokenizer:
-    """What GPTDataset reads of a tokenizer: documents end with ``</s>`` (as preprocess-data appends
-    it), so that is ``eod``; ``pad``; the vocabulary size (uint16 tokens); an identity for its cache."""
-
-    def __init__(self, tok):
-        self.eod = tok.eos_id
-        self.pad = tok.pad_id
-        self.vocab_size = tok.vocab_size
-        self.unique_identifiers = {"class": type(tok).__name__, "model": os.path.basename(tok.model_file)}
-
-
 def global_batches(dataset, batch: int):
     """Endless global batches: ``batch`` consecutive samples, each key stacked (one DP rank's loader)."""
     i = 0
@@ -276,9 +265,8 @@ class DataWait:
     """A tiny GPTDataset in ``folder`` and the two data-side numbers of a pretraining step."""
 
     def __init__(self, folder: str, seq: int, batch: int, steps: int, seed: int = 1234, build_batches: int = 5):
-        from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
-        from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 
+        from megatron_tanuki.data import blend
         from megatron_tanuki.data.indexed import preprocess
         from megatron_tanuki.data.tokenizer import load_tokenizer
 
@@ -292,12 +280,10 @@ class DataWait:
                 f.write(json.dumps({"text": text}, ensure_ascii=False) + "\n")
         self.corpus = preprocess([src], os.path.join(folder, "bench"), progress=False,
                                  log=lambda *a, **k: None)
-        config = GPTDatasetConfig(
-            random_seed=seed, sequence_length=seq, blend=([self.corpus["prefix"]], None), split="100,0,0",
-            tokenizer=_DatasetTokenizer(load_tokenizer()), reset_position_ids=False,
-            reset_attention_mask=False, eod_mask_loss=False, create_attention_mask=False,
-            path_to_cache=os.path.join(folder, "cache"))
-        self.dataset = BlendedMegatronDatasetBuilder(GPTDataset, [samples, 0, 0], lambda: True, config).build()[0]
+        # the same dataset configuration training uses (data/blend.py), one dataset, all of it for training
+        config = blend.gpt_config(load_tokenizer(), seed, seq, ([self.corpus["prefix"]], None), None, "100,0,0",
+                                  os.path.join(folder, "cache"))
+        self.dataset = blend.build(config, [samples, 0, 0])[0]
 
     def build_seconds(self) -> float:
         """Mean seconds to build one global batch on the caller's thread (after one warm-up batch)."""

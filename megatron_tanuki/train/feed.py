@@ -28,8 +28,8 @@ class StepData:
     real_tokens: int  # tokens with loss on this rank (padding excluded)
     flops: float  # model FLOPs of the whole global batch
     image_bad: int  # images this rank could not decode so far (cumulative)
-    records_bad: int  # records skipped so far (cumulative; the same on every rank)
-    bad_reasons: dict  # their counts by kind (a copy made by the producer: the checkpoint's record)
+    bad_reasons: dict  # records skipped so far, by kind (cumulative, the same on every rank; a copy made
+    #                    by the producer: the checkpoint's record)
     position: dict  # the data position after this step
 
 
@@ -62,8 +62,7 @@ class RowFeed:
             real = sum(len(r) for r in mine)  # before padding
             flops = sum(self.flops_per_row(len(r.images)) for r in rows)
             micro = self._micro(mine)
-            yield StepData(micro, real, flops, self.image_bad.total, self.stream.bad.total,
-                           dict(self.stream.bad.reasons), self.position())
+            yield StepData(micro, real, flops, self.image_bad.total, dict(self.stream.bad.reasons), self.position())
 
 
 def megatron_sampler_indices(start: int, gbs: int, mbs: int, dp: int, dp_rank: int) -> list[list[int]]:
@@ -98,7 +97,7 @@ class IndexedFeed:
                      for ix in megatron_sampler_indices(self.consumed, self.gbs, self.mbs, self.dp, self.dp_rank)]
             self.consumed += self.gbs
             real = int(sum(b.loss_mask.sum().item() for b in micro))
-            yield StepData(micro, real, self.gbs * self.flops_per_row(0), 0, 0, {}, self.position())
+            yield StepData(micro, real, self.gbs * self.flops_per_row(0), 0, {}, self.position())
 
 
 def indexed_eval_batches(dataset, iters: int, gbs: int, mbs: int, dp: int, dp_rank: int) -> Iterator[list[Batch]]:

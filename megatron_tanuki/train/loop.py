@@ -426,7 +426,7 @@ def train(cfg: RunConfig) -> dict:
             real = _all_reduce(torch.tensor([item.real_tokens, item.image_bad],
                                             dtype=torch.float64), parallel_state.get_data_parallel_group())
             tokens_window += real[0].item()
-            bad.check(item.records_bad + int(real[1].item()))
+            bad.check(sum(item.bad_reasons.values()) + int(real[1].item()))
             flops_window += item.flops
             balance = _moe_balance_loss(llm.num_layers, len(item.micro)) if llm.is_moe else None
             if step % cfg.log.interval == 0 or step == total_steps or step == 1:

@@ -80,11 +80,10 @@ class Communication:
     bucket_size: int | None = None
 
 
-def wrap_ddp(chunks: list, overlap_grad_reduce: bool = False,
-             use_distributed_optimizer: bool = False, comm: Communication | None = None) -> list:
+def wrap_ddp(chunks: list, use_distributed_optimizer: bool = False, comm: Communication | None = None) -> list:
     """megatron-core DDP around each model chunk (contiguous fp32 grad buffers). Parameter gathering
     is overlapped only with the distributed optimizer (there is nothing to gather without it)."""
-    comm = comm or Communication(overlap_grad_reduce=overlap_grad_reduce)
+    comm = comm or Communication()
     configure_for_training(chunks)  # DDP reads calculate_per_token_loss when it is built
     # as Megatron-LM: parameter gathering overlaps only together with gradient reduction, and the
     # schedule aligns the gathers (param_sync_func) only with virtual pipeline chunks -- without them
