@@ -26,8 +26,6 @@ def _labels(caption: str) -> list[int]:
 def pretrain_and_assemble(preset: str, llm_ckpt: str, stage1_json: str, image_folder: str, out: str,
                           steps: int = 150, images: int = 2000, seed: int = 0) -> dict:
     """Rank side (one process). Writes ``out`` (a torch_dist checkpoint + tanuki.json)."""
-    from megatron.core import dist_checkpointing
-
     from megatron_tanuki.convert.atomic import atomic_output_dir
     from megatron_tanuki.models.checkpoint_meta import META_FILE, meta_json
     from megatron_tanuki.data.images import load_image, preprocess
@@ -86,7 +84,7 @@ def pretrain_and_assemble(preset: str, llm_ckpt: str, stage1_json: str, image_fo
            for k, (name, o) in enumerate(zip(("color", "shape", "position"), out_[:3]))}
     tower.requires_grad_(False)
     with atomic_output_dir(out, overwrite=True) as tmp:
-        dist_checkpointing.save({"model0": model.sharded_state_dict()}, tmp)
+        ckpt.save_sharded({"model0": model.sharded_state_dict()}, tmp)
         with open(os.path.join(tmp, META_FILE), "w", encoding="utf-8") as f:
             f.write(meta_json(cfg, torch.float32, TanukiTokenizer().vocab_size, source="demo: tower + stage-0 LLM"))
     return {"val_accuracy": acc, "steps": steps, "images": len(records)}

@@ -165,15 +165,10 @@ def run(opts: ServeOptions) -> list:
 def _forward_signals_to_children() -> None:
     """Local ranks run in child processes: SIGTERM / SIGINT to this process reach rank 0 as SIGTERM
     (it drains and stops the others), instead of tearing the children down mid-request."""
-    import psutil
+    from megatron_tanuki.runtime.spawn import signal_ranks
 
     def forward(signum, _frame):
-        for child in psutil.Process().children():
-            try:
-                if any("spawn_main" in part for part in child.cmdline()):  # ranks, not the resource tracker
-                    child.send_signal(signal.SIGTERM)
-            except psutil.Error:
-                pass
+        signal_ranks(signal.SIGTERM)
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, forward)

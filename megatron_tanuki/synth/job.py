@@ -91,15 +91,12 @@ def _forward_stop_signals() -> dict:
     """SIGTERM / SIGUSR1 to this process (scancel, a time limit) go on to the local ranks, which stop
     the way a rank under srun does (no new conversations, --grace, return); this process then
     returns their results and exits 0."""
-    import multiprocessing
     import signal
 
+    from megatron_tanuki.runtime.spawn import signal_ranks
+
     def forward(sig, _frame):
-        for child in multiprocessing.active_children():
-            try:
-                os.kill(child.pid, sig)
-            except ProcessLookupError:
-                pass
+        signal_ranks(sig)
 
     previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)}
     for s in previous:

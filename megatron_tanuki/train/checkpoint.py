@@ -164,11 +164,26 @@ def model_state(chunks) -> dict:
     return {f"model{i}": _unwrap(c).sharded_state_dict() for i, c in enumerate(chunks)}
 
 
+def save_sharded(state: dict, path: str) -> None:
+    """megatron-core's torch_dist save, synchronous (collective). Its writer collects the write results
+    through a multiprocessing Manager queue made once per process: a server process started by spawn
+    (~2-3 s before a process's first save, and one more process that can outlive a rank stopped early).
+    A synchronous save writes and collects in this process, so a thread queue serves: it is set before
+    megatron-core makes its own."""
+    import queue
+
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    if filesystem_async._results_queue is None:
+        filesystem_async._results_queue = queue.Queue()
+    dist_checkpointing.save(state, path, async_sharded_save=False)
+
+
 def save(root: str, step: int, chunks, optimizer, scheduler, common: dict, side: dict, keep_last: int | None,
          async_save: bool = False) -> str:
     """Collective: every rank calls it. ``side``: {file name: text} and {"copy": [dirs]} for rank 0."""
     import torch.distributed as dist
-    from megatron.core import dist_checkpointing
 
     rank = dist.get_rank()
     name = iter_name(step)
@@ -182,8 +197,7 @@ def save(root: str, step: int, chunks, optimizer, scheduler, common: dict, side:
     state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=False, metadata=OPTIM_SHARDING)
     state["scheduler"] = scheduler.state_dict()
     state.update(common)
-    dist_checkpointing.save(state, tmp, async_sharded_save=False)
-    # async_save is accepted for forward compatibility; on CPU/gloo the write is synchronous.
+    save_sharded(state, tmp)  # async_save is accepted for forward compatibility; the write is synchronous
     dist.barrier()
     if rank == 0:
         for fname, text in side.get("files", {}).items():
