@@ -11,6 +11,7 @@ rank's traceback.
 from __future__ import annotations
 
 import dataclasses
+import glob
 import multiprocessing
 import multiprocessing.util
 import os
@@ -88,9 +89,17 @@ def _exit_now(code: int) -> None:
         os._exit(code)
 
 
-# Imported once by the fork server, before any rank: what every rank needs and costs seconds to load.
-_PRELOAD = ["megatron_tanuki", "torch", "torch.distributed", "megatron.core.models.gpt",
-            "megatron.core.optimizer", "megatron.core.distributed", "megatron.core.dist_checkpointing"]
+def preload_modules(nvidia_devices: list[str] | None = None) -> list[str]:
+    """What the fork server imports once, before any rank: what every rank needs and costs seconds.
+
+    megatron-core imports Transformer Engine when it is installed, and TE queries the GPU at import; a
+    process that has touched CUDA cannot fork children that use it. So on a machine with NVIDIA
+    devices only torch (which does not touch CUDA at import) is preloaded and each rank imports
+    megatron-core itself after the fork, as a spawned rank would."""
+    devices = glob.glob("/dev/nvidia[0-9]*") if nvidia_devices is None else nvidia_devices
+    safe = ["megatron_tanuki", "torch", "torch.distributed"]
+    return safe if devices else safe + ["megatron.core.models.gpt", "megatron.core.optimizer",
+                                         "megatron.core.distributed", "megatron.core.dist_checkpointing"]
 
 
 def start_fork_server() -> None:
@@ -98,7 +107,7 @@ def start_fork_server() -> None:
     instead of after them. The CLI calls this first thing for a command that starts local ranks."""
     from multiprocessing import forkserver
 
-    forkserver.set_forkserver_preload(_PRELOAD)
+    forkserver.set_forkserver_preload(preload_modules())
     forkserver.ensure_running()
 
 
