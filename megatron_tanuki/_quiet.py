@@ -18,8 +18,8 @@ All listed here are expected and not actionable for us:
   after one failed; runtime/spawn.py's RankFailed names the failing rank.
 
 Real warnings (anything not matched here) still show. :func:`install` runs at package import, so
-every local rank has it too (the fork server ranks fork from imports megatron_tanuki first);
-runtime/spawn.py calls it again explicitly.
+every spawned rank installs it too (spawned interpreters import megatron_tanuki before the rank's
+function runs); runtime/spawn.py calls it again explicitly.
 """
 import logging
 import warnings

@@ -533,21 +533,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _starts_local_ranks(args) -> bool:
-    """Whether this command will start local ranks: not under a launcher, and more than one rank
-    (--nproc, else TP x PP x EP); the demo and `convert verify` always do."""
-    if launch.launcher_rank() is not None:
-        return False
-    if args.command == "demo" or getattr(args, "direction", None) == "verify":
-        return True
-    if args.command not in ("train", "generate", "score-reward", "serve", "synth"):
-        return False
-    layout = 1
-    for name in ("tp", "pp", "ep"):
-        layout *= getattr(args, name, None) or 1
-    return (getattr(args, "nproc", None) or layout) > 1
-
-
 def main(argv=None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
@@ -562,10 +547,6 @@ def main(argv=None) -> int:
     if args.command == "synth" and args.synth_command == "run" and args.backend is None:
         args.backend = "openai" if args.base_urls else "engine"
     crash.exit_on_sigterm()
-    if _starts_local_ranks(args):
-        from megatron_tanuki.runtime import spawn
-
-        spawn.start_fork_server()  # its imports run beside this process's own (nothing imported torch yet)
     try:
         if args.command != "train":  # train activates in each rank (launch.train_rank)
             from megatron_tanuki.runtime import cpu

@@ -1,17 +1,13 @@
 """Start N local ranks of a function (tests, the demo, ``convert verify``) without torchrun.
 
-Each rank is a fresh process forked from a *fork server* that imported torch and megatron-core once
-(and did no other work: forking a process that ran OpenMP or gloo work can deadlock the child), so
-the second and later launches from one process (every test, every demo stage) skip the seconds of
-imports. Each rank gets torchrun's environment variables, this process's current environment and
-working directory, so the code under test reads its rank exactly as it would on a cluster. Return
-values come back through files; an exception on any rank is re-raised in the parent with that
-rank's traceback.
+Each rank is a fresh *spawned* interpreter (never fork: a parent that already ran OpenMP or gloo
+work can deadlock a forked child) with torchrun's environment variables set, so the code under
+test reads its rank exactly as it would on a cluster. Return values come back through files;
+an exception on any rank is re-raised in the parent with that rank's traceback.
 """
 from __future__ import annotations
 
 import dataclasses
-import glob
 import multiprocessing
 import multiprocessing.util
 import os
@@ -21,6 +17,7 @@ import socket
 import tempfile
 import traceback
 
+import torch.multiprocessing as mp
 
 
 class RankFailed(RuntimeError):
@@ -71,8 +68,8 @@ def _host_store(world_size: int):
 
 
 def signal_ranks(sig: int) -> None:
-    """Send ``sig`` to the local ranks this process started (not to the fork server or the
-    resource tracker): how a launcher passes scancel's SIGTERM on to its ranks."""
+    """Send ``sig`` to the local ranks this process started (not to the resource tracker): how a
+    launcher passes scancel's SIGTERM on to its ranks."""
     for child in multiprocessing.active_children():
         try:
             os.kill(child.pid, sig)
@@ -81,42 +78,18 @@ def signal_ranks(sig: int) -> None:
 
 
 def _exit_now(code: int) -> None:
-    """Leave at once (peers may be stuck in a collective), but first stop our helper processes:
-    megatron-core's checkpoint writer starts a multiprocessing Manager that would outlive us."""
+    """Leave at once (peers may be stuck in a collective), but first stop our helper processes
+    (a multiprocessing Manager, for one, would outlive us)."""
     try:
         multiprocessing.util._exit_function()
     finally:
         os._exit(code)
 
 
-def preload_modules(nvidia_devices: list[str] | None = None) -> list[str]:
-    """What the fork server imports once, before any rank: what every rank needs and costs seconds.
-
-    megatron-core imports Transformer Engine when it is installed, and TE queries the GPU at import; a
-    process that has touched CUDA cannot fork children that use it. So on a machine with NVIDIA
-    devices only torch (which does not touch CUDA at import) is preloaded and each rank imports
-    megatron-core itself after the fork, as a spawned rank would."""
-    devices = glob.glob("/dev/nvidia[0-9]*") if nvidia_devices is None else nvidia_devices
-    safe = ["megatron_tanuki", "torch", "torch.distributed"]
-    return safe if devices else safe + ["megatron.core.models.gpt", "megatron.core.optimizer",
-                                         "megatron.core.distributed", "megatron.core.dist_checkpointing"]
-
-
-def start_fork_server() -> None:
-    """Start the fork server now (idempotent): its imports then run beside this process's own
-    instead of after them. The CLI calls this first thing for a command that starts local ranks."""
-    from multiprocessing import forkserver
-
-    forkserver.set_forkserver_preload(preload_modules())
-    forkserver.ensure_running()
-
-
 def _entry(local_rank: int, world_size: int, port: int, outdir: str, fn, args, kwargs, env):
     signal.signal(signal.SIGTERM, lambda *_: _exit_now(1))
-    # The fork server's environment is the one it started with: take the caller's, as spawn did.
-    os.environ.clear()
     os.environ.update(env)
-    # The warning filters of the fork server are ours already; install again in case they changed.
+    # A spawned interpreter starts with fresh warning filters: install ours before megatron loads.
     from megatron_tanuki import _quiet
 
     _quiet.install()
@@ -153,17 +126,14 @@ def _entry(local_rank: int, world_size: int, port: int, outdir: str, fn, args, k
 
 def run_ranks(fn, world_size: int, *args, env: dict | None = None, **kwargs) -> list:
     """Run ``fn(*args, **kwargs)`` on ``world_size`` local ranks; return the results by rank."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    env = {"OMP_NUM_THREADS": "1", **(env or {})}
     # The store is bound here, on a port the kernel picks, and held until the ranks are done: a port
     # probed free and handed to rank 0 to bind later can be taken meanwhile (EADDRINUSE under load).
     store = _host_store(world_size)
     with tempfile.TemporaryDirectory(prefix="tanuki-ranks-") as outdir:
-        import torch.multiprocessing as mp
-
-        start_fork_server()
         ctx = mp.start_processes(
             _entry, args=(world_size, store.port, outdir, fn, args, kwargs, env),
-            nprocs=world_size, join=False, start_method="forkserver")
+            nprocs=world_size, join=False, start_method="spawn")
         try:
             while not ctx.join():
                 pass

@@ -168,16 +168,19 @@ def save_sharded(state: dict, path: str) -> None:
     """megatron-core's torch_dist save, synchronous (collective). Its writer collects the write results
     through a multiprocessing Manager queue made once per process: a server process started by spawn
     (~2-3 s before a process's first save, and one more process that can outlive a rank stopped early).
-    A synchronous save writes and collects in this process, so a thread queue serves: it is set before
-    megatron-core makes its own."""
+    A synchronous save writes and collects in this process, so a thread queue serves, for the length
+    of the save."""
     import queue
 
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.strategies import filesystem_async
 
-    if filesystem_async._results_queue is None:
-        filesystem_async._results_queue = queue.Queue()
-    dist_checkpointing.save(state, path, async_sharded_save=False)
+    previous = filesystem_async._results_queue
+    filesystem_async._results_queue = queue.Queue()
+    try:
+        dist_checkpointing.save(state, path, async_sharded_save=False)
+    finally:  # an asynchronous save (another process writes) would need megatron-core's own again
+        filesystem_async._results_queue = previous
 
 
 def save(root: str, step: int, chunks, optimizer, scheduler, common: dict, side: dict, keep_last: int | None,

@@ -26,37 +26,21 @@ def test_run_ranks_reports_the_failing_rank():
     assert "--- rank 1 ---" in str(e.value) and "ValueError: bad shard on rank 1" in str(e.value)
 
 
-def _rank_sees():
-    import multiprocessing
-    import os
-    import sys
-
+def _meet_at_the_parents_store():
     import torch.distributed as dist
 
     from megatron_tanuki.runtime.distributed import ParallelLayout, init_distributed
 
     init_distributed(ParallelLayout())
-    both = [None, None]
-    dist.all_gather_object(both, os.environ["RANK"])  # the rendezvous at the parent's store worked
-    return (os.environ.get("TANUKI_PROBE"), os.getcwd(), both, "megatron.core.models.gpt" in sys.modules,
-            multiprocessing.parent_process() is not None)
+    ranks = [None, None]
+    dist.all_gather_object(ranks, dist.get_rank())
+    return ranks
 
 
-def test_ranks_fork_from_the_preloaded_server_with_the_callers_environment(tmp_path, monkeypatch):
-    """The fork server starts once with the environment of its start; a rank must still see the
-    caller's environment and working directory *now*, and meet its peers at the parent's store."""
-    run_ranks(_rank_identity, 2)  # the fork server is running after this
-    monkeypatch.setenv("TANUKI_PROBE", "set after the fork server started")
-    monkeypatch.chdir(tmp_path)
-    results = run_ranks(_rank_sees, 2)
-    assert results == [("set after the fork server started", str(tmp_path), ["0", "1"], True, True)] * 2
-
-
-def test_the_fork_server_preloads_no_cuda_user_on_a_gpu_machine():
-    from megatron_tanuki.runtime.spawn import preload_modules
-
-    assert preload_modules(["/dev/nvidia0"]) == ["megatron_tanuki", "torch", "torch.distributed"]
-    assert "megatron.core.models.gpt" in preload_modules([])
+def test_ranks_rendezvous_at_a_store_the_parent_holds():
+    """run_ranks binds the rendezvous store itself (kernel-chosen port) before the ranks start: a
+    port probed free and bound later by rank 0 was taken meanwhile once (EADDRINUSE in CI)."""
+    assert run_ranks(_meet_at_the_parents_store, 2) == [[0, 1], [0, 1]]
 
 
 def test_a_synchronous_checkpoint_save_starts_no_process(tmp_path):
