@@ -154,12 +154,18 @@ def run(opts: ServeOptions) -> list:
         result = serve_rank(opts)
         shutdown()  # destroy the process groups before exit (NCCL teardown at exit can hang)
         return [result]
-    _bind(opts.host, opts.port).close()  # a busy port fails here, before the model loads
-    nproc = opts.nproc or opts.tp * opts.pp * opts.ep
-    if nproc == 1:
-        return [serve_rank(opts)]
-    _forward_signals_to_children()
-    return run_ranks(serve_rank, nproc, dataclasses.replace(opts, nproc=nproc))
+    # A busy port fails here, before the model loads. The socket stays bound (never listening) while the
+    # ranks run: the kernel then hands this port to none of their own sockets (the rendezvous store,
+    # gloo's pairs), which it otherwise may, having seen it free; rank 0 binds it again (SO_REUSEADDR).
+    reserved = _bind(opts.host, opts.port)
+    try:
+        nproc = opts.nproc or opts.tp * opts.pp * opts.ep
+        if nproc == 1:
+            return [serve_rank(opts)]
+        _forward_signals_to_children()
+        return run_ranks(serve_rank, nproc, dataclasses.replace(opts, nproc=nproc))
+    finally:
+        reserved.close()
 
 
 def _forward_signals_to_children() -> None:
